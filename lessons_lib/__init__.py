@@ -1,0 +1,1 @@
+"""The implementations behind the course "LLMs from Attention to RLHF"."""

