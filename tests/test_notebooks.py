@@ -1,0 +1,69 @@
+"""The chapter notebooks as files: stored without outputs, listed in the table of contents,
+each checking its claims in hidden assert cells and ending with gated, hidden solutions."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "book").glob("[0-9][0-9]_*.ipynb"))
+
+
+def cells(path):
+    return json.loads(path.read_text())["cells"]
+
+
+def source(cell):
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def test_there_are_chapters():
+    assert NOTEBOOKS, "no chapter notebooks found in book/"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_stored_without_outputs(path):
+    for i, cell in enumerate(cells(path)):
+        if cell["cell_type"] == "code":
+            assert not cell.get("outputs"), f"{path.name} cell {i} has stored outputs: clear them"
+            assert cell.get("execution_count") is None, f"{path.name} cell {i} has an execution count"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_listed_in_the_table_of_contents(path):
+    toc = (ROOT / "_toc.yml").read_text()
+    assert f"file: book/{path.stem}" in toc
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_claims_are_checked_in_hidden_cells(path):
+    hidden_asserts = [c for c in cells(path) if c["cell_type"] == "code"
+                      and "remove-input" in c.get("metadata", {}).get("tags", [])
+                      and re.search(r"^\s*assert ", source(c), re.M)]
+    assert len(hidden_asserts) >= 3, f"{path.name}: expected hidden (remove-input) assert cells"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_exercises_have_gated_dropdown_solutions_that_call_a_checker(path):
+    cs = cells(path)
+    texts = [source(c) for c in cs]
+    exercises = [t for t in texts if "```{exercise}" in t]
+    starts = [i for i, t in enumerate(texts) if "```{solution-start}" in t]
+    assert 3 <= len(exercises) <= 5, f"{path.name}: {len(exercises)} exercises, expected 3 to 5"
+    assert len(starts) == len(exercises)
+    for i in starts:
+        assert ":class: dropdown" in texts[i], f"{path.name}: solution at cell {i} is not a dropdown"
+        body = [j for j in range(i + 1, len(cs)) if "```{solution-end}" in texts[j]]
+        assert body, f"{path.name}: solution-start at cell {i} has no solution-end"
+        solution_code = "".join(texts[j] for j in range(i + 1, body[0]) if cs[j]["cell_type"] == "code")
+        assert "check_" in solution_code, f"{path.name}: the solution at cell {i} does not call a checker"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_opens_with_a_title_and_ends_with_further_reading(path):
+    texts = [source(c) for c in cells(path) if c["cell_type"] == "markdown"]
+    assert texts[0].lstrip().startswith("# "), f"{path.name} must open with a title"
+    assert any("Further reading" in t for t in texts), f"{path.name} has no further reading"
+    assert any("What we measured" in t for t in texts), f"{path.name} has no 'What we measured' section"
