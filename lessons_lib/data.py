@@ -100,5 +100,5 @@ def get_batch(data: torch.Tensor, batch_size: int, block_size: int,
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
     offsets = torch.arange(block_size + 1)
     windows = data[starts[:, None] + offsets]          # (batch, block_size + 1)
-    inputs, targets = windows[:, :-1], windows[:, 1:]
+    inputs, targets = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
     return inputs.to(device), targets.to(device)

@@ -56,12 +56,16 @@ PREPOSITIONS = ("on", "near", "by", "beside", "behind", "under")
 # which one "it" means. The prefixes move every position, so no position is always a noun.
 REFERENT_TEMPLATES = (
     "the {n1} {verb} {prep} the {n2} because it was {adj}",
-    "the {n1} {verb} {prep} the {n2} because it was very {adj}",
-    "the {n1} {verb} {prep} the {n2} all day because it was {adj}",
+    "the {n1} {verb} {prep} the {size} {n2} because it was very {adj}",
+    "the {size} {n1} {verb} {prep} the {n2} all day because it was {adj}",
     "yesterday the {n1} {verb} {prep} the {n2} because it was {adj}",
-    "later that day the {n1} {verb} {prep} the {n2} since it was {adj}",
-    "this morning the {n1} {verb} {prep} the {n2} and then it was {adj}",
+    "later that day the {n1} {verb} {prep} the {size} {n2} since it was {adj}",
+    "early this morning the {size} {n1} {verb} {prep} the {n2} and then it was {adj}",
+    "because it was {adj} the {n1} {verb} {prep} the {n2}",
+    "it was {adj} so the {size} {n1} {verb} {prep} the {n2}",
 )
+# Words that fit an animal and an object alike, so they never decide the referent.
+SIZES = ("big", "small", "old", "little")
 PAD = "<pad>"
 
 
@@ -142,7 +146,7 @@ def _make_split(rng: random.Random, n: int, first: list[str], second: list[str],
         adjectives = ANIMAL_ADJECTIVES if (n1, n2)[ref] in animals else OBJECT_ADJECTIVES
         template = rng.choice(REFERENT_TEMPLATES)
         text = template.format(n1=n1, n2=n2, verb=rng.choice(VERBS), prep=rng.choice(PREPOSITIONS),
-                               adj=rng.choice(adjectives))
+                               size=rng.choice(SIZES), adj=rng.choice(adjectives))
         words = text.split()
         # the slots are filled left to right, so n1's "the" comes before n2's: find by slot
         slots = template.split()
@@ -194,7 +198,7 @@ def referent_sentences(n_train: int = 4000, n_heldout: int = 1000, seed: int = 0
 
     nouns = animals + objects
     words = {w for t in REFERENT_TEMPLATES for w in t.split() if not w.startswith("{")}
-    words |= set(ANIMAL_ADJECTIVES) | set(OBJECT_ADJECTIVES) | set(VERBS) | set(PREPOSITIONS)
+    words |= set(ANIMAL_ADJECTIVES) | set(OBJECT_ADJECTIVES) | set(VERBS) | set(PREPOSITIONS) | set(SIZES)
     vocab = [PAD] + sorted(words) + nouns
     stoi = {w: i for i, w in enumerate(vocab)}
     noun_index = {w: i for i, w in enumerate(nouns)}

@@ -30,6 +30,10 @@ has heard that before, and he knows the river better than anyone in the town.
 When the rain comes the river rises, and the wheel turns faster, and the flour pours out of
 the stones like snow. When the summer is dry the river shrinks, the wheel slows down, and the
 miller sits on the bench beside the door and waits. Waiting, he says, is also work.
+At night he sings the old song of the mill:
+    Turn, wheel, turn; the water will not wait.
+    Turn, wheel, turn; the flour is in the sack.
+    Turn, wheel, turn; the river brings it back.
 """
 
 
@@ -37,6 +41,10 @@ def _pair_text(vocab: dict[int, bytes], pair: tuple[int, int]) -> str:
     a, b = pair
     return (f"{vocab[a].decode('utf-8', errors='backslashreplace')!r} + "
             f"{vocab[b].decode('utf-8', errors='backslashreplace')!r}")
+
+
+def _times(n: int) -> str:
+    return "once" if n == 1 else f"{n} times"
 
 
 # -- exercise 1: bytes per token ----------------------------------------------------------------
@@ -84,6 +92,8 @@ def check_merge(fn) -> None:
     """Grade ``fn(ids, pair, new_id) -> list``: every occurrence of ``pair`` replaced by ``new_id``,
     left to right, without overlaps, and the input list left unchanged."""
     __tracebackhide__ = True
+    if not callable(fn):
+        run_cases("check_merge", fn, [])                # explains that a function is expected
 
     def untouched(ids, pair, new_id):
         copy = list(ids)
@@ -155,8 +165,8 @@ def _replay_problem(text: str, vocab_size: int, merges) -> str | None:
                     f"and count pairs only inside each chunk, and apply every earlier merge?")
         if got < best:
             top = max(counts, key=counts.get)
-            return (f"merge number {k + 1} is {_pair_text(vocab, pair)}, which occurs {got} times, but "
-                    f"{_pair_text(vocab, top)} occurs {best} times: merge the most frequent pair")
+            return (f"merge number {k + 1} is {_pair_text(vocab, pair)}, which occurs {_times(got)}, "
+                    f"but {_pair_text(vocab, top)} occurs {_times(best)}: merge the most frequent pair")
         vocab[new_id] = vocab[pair[0]] + vocab[pair[1]]
         words = [_reference_merge(w, pair, new_id) for w in words]
     wanted = vocab_size - 256
@@ -211,13 +221,13 @@ def check_bpe_encode(fn) -> None:
     rank_hint = ("in each chunk, repeatedly merge the pair whose merge was learned first (the lowest "
                  "new id, merges[pair]), until no pair of the chunk is in merges.")
     cases = [
-        case("an empty text", "", hint="no text, no tokens: return []."),
         case("a sentence like the training text", "The miller and the river.", hint=rank_hint),
         case("a word the merges have never seen whole", "Thereafter", hint=rank_hint),
-        case("runs of spaces", "the  mill   wheel    turns",
+        case("runs of spaces", "the mill  42,   Zebra    wheel",
              hint="split the text with regex.findall(GPT2_SPLIT_PATTERN, text) first and encode each "
                   "chunk on its own: merges never cross chunk boundaries."),
         case("several lines", "The wheel turns.\nThe river rises.\n\nWaiting, he says, is work.", hint=rank_hint),
         case("characters outside the training text", "東京 🙂 naïve miller", hint=rank_hint),
+        case("an empty text", "", hint="no text, no tokens: return []."),
     ]
     run_cases("check_bpe_encode", fn, cases)

@@ -1,0 +1,219 @@
+"""The training loop every chapter uses.
+
+``train(model, data, config)`` runs AdamW with a linear warmup and a cosine decay, clips the
+gradient norm, evaluates now and then on a few fixed validation batches, shows a tqdm bar with
+the current loss, and returns a :class:`History` you can plot. It is deterministic for a seed
+on a CPU. ``model(inputs, targets)`` must return ``(logits, loss)``, as ``lessons_lib.model.GPT``
+does.
+
+``data`` is either a pair ``(train_ids, val_ids)`` of 1-D token tensors, from which random
+windows are drawn, or a function ``batch_fn(split, generator) -> (inputs, targets)`` for tasks
+whose batches are built differently (instruction tuning, synthetic tasks).
+
+Checkpoints are safetensors files: :func:`save_checkpoint` / :func:`load_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .data import get_batch
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 12
+    block_size: int = 64
+    lr: float = 1e-3                 # peak learning rate, reached after warmup
+    min_lr_ratio: float = 0.1        # the cosine ends at lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1        # applied to matrices only, not to biases, norms or gains
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0           # max gradient norm; 0 turns clipping off
+    eval_interval: int = 250         # evaluate every this many steps (and at the end)
+    eval_batches: int = 10           # fixed validation batches per evaluation
+    bf16: bool = False               # bfloat16 autocast (CPU or CUDA)
+    seed: int = 1337
+    device: str = "auto"             # "auto": CUDA if available, else CPU (MPS only if asked)
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "block_size", "eval_interval", "eval_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise ValueError(f"warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class History:
+    step: list[int] = field(default_factory=list)            # every training step
+    train_loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    eval_step: list[int] = field(default_factory=list)       # the steps at which we evaluated
+    val_loss: list[float] = field(default_factory=list)
+    eval_train_loss: list[float] = field(default_factory=list)
+    seconds: float = 0.0                                     # wall time of the training steps
+    tokens: int = 0                                          # training tokens seen
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """CUDA when available, else CPU. Apple's MPS only when asked for by name."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup to ``config.lr``, then a cosine down to ``lr * min_lr_ratio`` at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.max_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices (dim >= 2) only; fused where PyTorch offers it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    device = params[0].device if params else torch.device("cpu")
+    fused = device.type in ("cuda", "cpu")
+    try:
+        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=fused)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+
+
+def _batch_function(data, config: TrainConfig, device):
+    if callable(data):
+        return data
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        raise ValueError("data must be (train_ids, val_ids), two 1-D token tensors, or a function "
+                         f"batch_fn(split, generator) -> (inputs, targets); got {type(data).__name__}")
+    splits = {"train": data[0], "val": data[1]}
+
+    def batch_fn(split, generator):
+        return get_batch(splits[split], config.batch_size, config.block_size, generator, device)
+    return batch_fn
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, bf16: bool = False) -> float:
+    """Mean loss over a fixed list of (inputs, targets) batches, in eval mode."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for x, y in batches:
+        with _autocast(device, bf16):
+            _, loss = model(x.to(device), y.to(device))
+        losses.append(loss.float().item())
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+def train(model: torch.nn.Module, data, config: TrainConfig | None = None, history: History | None = None,
+          callback=None) -> History:
+    """Train ``model`` in place for ``config.max_steps`` steps; return the history.
+
+    ``callback(step, model, history)``, if given, runs after each evaluation (e.g. to sample
+    text during training). Pass a previous ``history`` to continue appending to it.
+    """
+    config = config or TrainConfig()
+    device = pick_device(config.device)
+    model.to(device).train()
+    batch_fn = _batch_function(data, config, device)
+    torch.manual_seed(config.seed)
+    train_gen = torch.Generator().manual_seed(config.seed)
+    eval_gen = torch.Generator().manual_seed(config.seed + 1)
+    val_batches = [batch_fn("val", eval_gen) for _ in range(config.eval_batches)]
+    train_eval_batches = [batch_fn("train", eval_gen) for _ in range(config.eval_batches)]
+    optimizer = make_optimizer(model, config)
+    history = history or History()
+    first_step = history.step[-1] + 1 if history.step else 0
+
+    bar = tqdm(range(config.max_steps), desc="training", disable=not config.progress, leave=False)
+    start = time.perf_counter()
+    for i in bar:
+        lr = lr_at(i, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = batch_fn("train", train_gen)
+        with _autocast(device, config.bf16):
+            _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"the loss became {loss_value} at step {i}; lower the learning rate")
+        history.step.append(first_step + i)
+        history.train_loss.append(loss_value)
+        history.lr.append(lr)
+        history.tokens += x.numel()
+        if (i + 1) % config.eval_interval == 0 or i + 1 == config.max_steps:
+            history.seconds += time.perf_counter() - start
+            history.eval_step.append(first_step + i)
+            history.val_loss.append(evaluate(model, val_batches, device, config.bf16))
+            history.eval_train_loss.append(evaluate(model, train_eval_batches, device, config.bf16))
+            bar.set_postfix(train=f"{history.eval_train_loss[-1]:.3f}", val=f"{history.val_loss[-1]:.3f}")
+            if callback is not None:
+                callback(first_step + i, model, history)
+            start = time.perf_counter()
+        elif i % 10 == 0:
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+    bar.close()
+    return history
+
+
+def save_checkpoint(model: torch.nn.Module, path, metadata: dict | None = None) -> None:
+    """Save the weights as safetensors, with ``metadata`` (JSON-serialisable) stored beside them."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    # tied weights share storage; safetensors refuses shared tensors, so store copies
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata={"lessons_lib": json.dumps(metadata or {})})
+
+
+def load_checkpoint(model: torch.nn.Module, path) -> dict:
+    """Load weights saved by :func:`save_checkpoint` into ``model``; return the metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = json.loads((f.metadata() or {}).get("lessons_lib", "{}"))
+    state = load_file(str(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    return metadata
+
+
+def config_dict(config) -> dict:
+    return asdict(config)
