@@ -174,13 +174,17 @@ class MultiHeadAttention(nn.Module):
         return f"d_model={self.d_model}, n_heads={self.n_heads}, causal={self.causal}"
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                return_weights: bool = False):
+                return_weights: bool = False, kv: tuple | None = None):
         """``x`` (batch, T, d_model) -> (batch, T, d_model); with ``return_weights=True``
         also the per-head attention weights (batch, n_heads, T, T).
 
         ``mask``: optional bool tensor, True = may attend, broadcasting against
         (batch, n_heads, T, T), e.g. (T, T) or a padding mask (batch, 1, 1, T). With
-        ``causal=True`` it is combined with the causal mask."""
+        ``causal=True`` it is combined with the causal mask.
+
+        ``kv``: a key/value cache for generation, ``(k_buffer, v_buffer, start)`` with buffers
+        of shape (batch, n_heads, max_len, head_dim): the new keys and values are written at
+        positions ``start .. start+T-1`` and the queries attend to everything up to there."""
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(
                 f"x must have shape (batch, T, d_model={self.d_model}), got {getattr(x, 'shape', type(x).__name__)}")
@@ -188,18 +192,26 @@ class MultiHeadAttention(nn.Module):
         q, k, v = self.c_attn(x).split(self.d_model, dim=-1)              # each (B, T, C)
         q, k, v = (split_heads(t, self.n_heads) for t in (q, k, v))      # each (B, h, T, hd)
 
-        if self.causal:
+        if kv is not None:
+            if mask is not None or return_weights or not self.causal:
+                raise ValueError("the key/value cache is for causal generation: no extra mask, no weights")
+            y = self._attend_with_cache(q, k, v, kv)
+            return self.resid_dropout(self.c_proj(merge_heads(y)))
+
+        fused_causal = self.causal and mask is None and not return_weights
+        if self.causal and not fused_causal:
             causal = causal_mask(T, device=x.device)
             mask = causal if mask is None else mask & causal
         if mask is not None:
             _check_mask(mask, torch.Size((B, self.n_heads, T, T)))
 
         if return_weights:   # the explicit path: we need the weights to look at them
-            _, weights = scaled_dot_product_attention(q, k, v, mask)
-            y = self.attn_dropout(weights) @ v
+            y, weights = scaled_dot_product_attention(q, k, v, mask)
+            if self.training and self.dropout > 0:   # dropout acts on the weights, not on y
+                y = self.attn_dropout(weights) @ v
         else:                # the fused path: same numbers, one PyTorch kernel
             p = self.dropout if self.training else 0.0
-            if self.causal and mask is causal:
+            if fused_causal:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
@@ -207,6 +219,24 @@ class MultiHeadAttention(nn.Module):
 
         y = self.resid_dropout(self.c_proj(merge_heads(y)))               # (B, T, C)
         return (y, weights) if return_weights else y
+
+    @staticmethod
+    def _attend_with_cache(q, k, v, kv):
+        """Write this step's keys and values into the cache, then attend over all of it."""
+        k_buf, v_buf, start = kv
+        T = q.shape[-2]
+        end = start + T
+        if end > k_buf.shape[-2]:
+            raise ValueError(f"the cache holds {k_buf.shape[-2]} positions; positions {start}..{end - 1} do not fit")
+        k_buf[:, :, start:end] = k
+        v_buf[:, :, start:end] = v
+        k, v = k_buf[:, :, :end], v_buf[:, :, :end]
+        if T == 1:                       # one new token may see every cached position
+            return F.scaled_dot_product_attention(q, k, v)
+        if start == 0:                   # a prompt on an empty cache: plain causal attention
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        allowed = torch.ones(T, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
     @classmethod
     def from_torch(cls, module: nn.MultiheadAttention, causal: bool = False) -> "MultiHeadAttention":

@@ -5,6 +5,9 @@
 2. :class:`MLP` -- Linear(d, 4d) -> GELU -> Linear(4d, d) -> dropout.
 3. :class:`Block` -- the pre-LayerNorm Transformer block:
    ``x = x + attn(ln_1(x))`` then ``x = x + mlp(ln_2(x))``.
+4. :class:`GPTConfig`, :func:`count_parameters`, :class:`KVCache` and :class:`GPT` -- token
+   and position embeddings, ``n_layer`` blocks, a final LayerNorm and the output head; the
+   GPT-1/2/3 configurations; loading Hugging Face GPT-2 checkpoints.
 
 Parameter names follow GPT-2's (``ln_1``, ``attn.c_attn``, ``attn.c_proj``, ``ln_2``,
 ``mlp.c_fc``, ``mlp.c_proj``) so its weights can be loaded by name.
@@ -12,13 +15,20 @@ Parameter names follow GPT-2's (``ln_1``, ``attn.c_attn``, ``attn.c_proj``, ``ln
 
 from __future__ import annotations
 
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file as load_safetensors
 
 from .attention import MultiHeadAttention
 
-__all__ = ["sinusoidal_positions", "LearnedPositions", "MLP", "Block"]
+__all__ = ["sinusoidal_positions", "LearnedPositions", "MLP", "Block",
+           "GPTConfig", "count_parameters", "KVCache", "GPT"]
 
 
 def _positive_int(name: str, value) -> None:
@@ -132,9 +142,10 @@ class Block(nn.Module):
         self.mlp = MLP(n_embd, dropout=dropout, bias=bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                return_weights: bool = False):
+                return_weights: bool = False, kv: tuple | None = None):
         """``x`` (batch, T, n_embd) -> same shape; with ``return_weights=True`` also the
-        attention weights (batch, n_head, T, T). ``mask`` is passed to the attention."""
+        attention weights (batch, n_head, T, T). ``mask`` and ``kv`` (a key/value cache, see
+        :class:`KVCache`) are passed to the attention."""
         n_embd = self.attn.d_model
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != n_embd:
             raise ValueError(
@@ -142,7 +153,239 @@ class Block(nn.Module):
         if return_weights:
             a, weights = self.attn(self.ln_1(x), mask=mask, return_weights=True)
         else:
-            a = self.attn(self.ln_1(x), mask=mask)
+            a = self.attn(self.ln_1(x), mask=mask, kv=kv)
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return (x, weights) if return_weights else x
+
+
+# -----------------------------------------------------------------------------
+# 4. the GPT: token and position embeddings, a stack of blocks, a final LayerNorm, the head
+
+@dataclass
+class GPTConfig:
+    """The sizes of a decoder-only GPT. The defaults are GPT-2 small (124M parameters)."""
+
+    vocab_size: int = 50257
+    block_size: int = 1024          # the longest context the model can see
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True               # biases in Linear layers and LayerNorms, as in GPT-2
+    tie_weights: bool = True        # the output head reuses the token embedding matrix
+    positions: str = "learned"      # "learned" (GPT-2's wpe) or "sinusoidal" (fixed)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            _positive_int(f"GPTConfig.{name}", getattr(self, name))
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.positions not in ("learned", "sinusoidal"):
+            raise ValueError(f"GPTConfig.positions must be 'learned' or 'sinusoidal', got {self.positions!r}")
+
+    @classmethod
+    def gpt1(cls) -> "GPTConfig":
+        """GPT-1 (Radford et al., 2018): 12 layers, 768 wide, 12 heads, 512 positions, a
+        40,478-token BPE vocabulary. (GPT-1 normalised after each sub-block, post-LN; the
+        parameter count differs from ours only by the final LayerNorm, 1,536 parameters.)"""
+        return cls(vocab_size=40478, block_size=512, n_layer=12, n_head=12, n_embd=768)
+
+    @classmethod
+    def gpt2(cls, size: str = "small") -> "GPTConfig":
+        """GPT-2 (Radford et al., 2019): "small" (124M), "medium" (355M), "large" (774M), "xl" (1.5B)."""
+        sizes = {"small": (12, 12, 768), "medium": (24, 16, 1024),
+                 "large": (36, 20, 1280), "xl": (48, 25, 1600)}
+        if size not in sizes:
+            raise ValueError(f"GPT-2 sizes are {list(sizes)}, got {size!r}")
+        n_layer, n_head, n_embd = sizes[size]
+        return cls(vocab_size=50257, block_size=1024, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+
+    @classmethod
+    def gpt3(cls, name: str = "175b") -> "GPTConfig":
+        """The eight models of the GPT-3 paper (Brown et al., 2020, table 2.1), context 2048.
+
+        The table gives 13B a width of 5140 with 40 heads of 128, which do not multiply out
+        (40 x 128 = 5120); we keep the table's 5140 for counting, and with 20 heads so that a
+        model can be built."""
+        table = {"small": (12, 12, 768), "medium": (24, 16, 1024), "large": (24, 16, 1536),
+                 "xl": (24, 24, 2048), "2.7b": (32, 32, 2560), "6.7b": (32, 32, 4096),
+                 "13b": (40, 20, 5140), "175b": (96, 96, 12288)}
+        if name not in table:
+            raise ValueError(f"GPT-3 models are {list(table)}, got {name!r}")
+        n_layer, n_head, n_embd = table[name]
+        return cls(vocab_size=50257, block_size=2048, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+
+
+def count_parameters(config: GPTConfig, split: bool = False):
+    """The exact number of parameters of ``GPT(config)``, from the formula, allocating nothing.
+
+    With ``split=True`` returns a dict: embeddings (tokens + positions), attention, MLP,
+    layernorm and head (0 when tied), and their total.
+    """
+    d, V, L, b = config.n_embd, config.vocab_size, config.n_layer, int(config.bias)
+    embeddings = V * d + (config.block_size * d if config.positions == "learned" else 0)
+    attention = L * (d * 3 * d + 3 * d * b + d * d + d * b)          # c_attn and c_proj
+    mlp = L * (d * 4 * d + 4 * d * b + 4 * d * d + d * b)            # c_fc and c_proj
+    layernorm = (2 * L + 1) * (d + d * b)                              # ln_1, ln_2 per block; ln_f
+    head = 0 if config.tie_weights else V * d
+    parts = {"embeddings": embeddings, "attention": attention, "mlp": mlp,
+             "layernorm": layernorm, "head": head}
+    total = sum(parts.values())
+    return {**parts, "total": total} if split else total
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (n_layer, batch, n_head, max_len, head_dim).
+
+    ``pos`` is how many positions are filled; the model advances it after each forward pass.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None,
+                 device=None, dtype=torch.float32):
+        max_len = max_len or config.block_size
+        head_dim = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.pos = 0
+        self.max_len = max_len
+
+    def layer(self, i: int):
+        """What layer ``i``'s attention needs: its key buffer, value buffer and the start position."""
+        return self.k[i], self.v[i], self.pos
+
+
+class GPT(nn.Module):
+    """A decoder-only Transformer language model with GPT-2's layout and names."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if config.n_embd % config.n_head:
+            raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.positions == "learned":
+            self.wpe = LearnedPositions(config.block_size, config.n_embd)
+        else:
+            self.register_buffer("sinusoid", sinusoidal_positions(config.block_size, config.n_embd),
+                                 persistent=False)
+        self.drop = nn.Dropout(config.dropout)
+        self.h = nn.ModuleList([Block(config.n_embd, config.n_head, config.dropout, config.bias)
+                                for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), one per residual addition
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, LearnedPositions):
+            nn.init.normal_(module.weight, mean=0.0, std=0.01)
+
+    def num_parameters(self) -> int:
+        """Parameters counted once each (tied weights are one tensor)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = self.wte.weight
+        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None):
+        """``idx`` (batch, T) token ids -> ``(logits (batch, T, vocab_size), loss or None)``.
+
+        ``targets`` (batch, T) gives the cross-entropy loss; -100 marks positions to ignore.
+        With ``kv_cache`` the tokens continue the cached sequence at position ``kv_cache.pos``.
+        """
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+            raise ValueError(f"idx must be a (batch, T) tensor of token ids, got "
+                             f"{getattr(idx, 'shape', type(idx).__name__)}")
+        if idx.dtype.is_floating_point or idx.dtype == torch.bool:
+            raise ValueError(f"idx must hold integer token ids, got dtype {idx.dtype}")
+        B, T = idx.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        limit = kv_cache.max_len if kv_cache is not None else self.config.block_size
+        if T == 0 or start + T > min(limit, self.config.block_size):
+            raise ValueError(f"sequence of length {T} at position {start} does not fit the model's "
+                             f"block_size={self.config.block_size}"
+                             + (f" or the cache's {limit} positions" if kv_cache is not None else ""))
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}, got ids from {lo} to {hi}")
+
+        if self.config.positions == "learned":
+            pos = self.wpe(T, start=start)
+        else:
+            pos = self.sinusoid[start:start + T]
+        x = self.drop(self.wte(idx) + pos)
+        for i, block in enumerate(self.h):
+            x = block(x, kv=kv_cache.layer(i) if kv_cache is not None else None)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        logits = self.lm_head(self.ln_f(x))
+
+        loss = None
+        if targets is not None:
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-100)
+        return logits, loss
+
+    @classmethod
+    def from_hf_gpt2(cls, path) -> "GPT":
+        """Load a folder in Hugging Face's GPT-2 format (``config.json`` and ``model.safetensors``,
+        or ``pytorch_model.bin``) into our model. Keys may carry the ``transformer.`` prefix;
+        GPT-2's Conv1D layers store weights as (in, out), so they are transposed."""
+        folder = Path(path)
+        cfg_path = folder / "config.json"
+        if not cfg_path.exists():
+            raise ValueError(f"{folder} has no config.json: expected a Hugging Face GPT-2 folder")
+        hf = json.loads(cfg_path.read_text())
+        activation = hf.get("activation_function", "gelu_new")
+        if activation not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"our blocks use tanh-approximated GELU (gelu_new); this model uses {activation!r}")
+        config = GPTConfig(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024),
+                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                           bias=True, tie_weights=hf.get("tie_word_embeddings", True))
+        if (folder / "model.safetensors").exists():
+            state = load_safetensors(str(folder / "model.safetensors"))
+        elif (folder / "pytorch_model.bin").exists():
+            state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        else:
+            raise ValueError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
+
+        model = cls(config)
+        ours = model.state_dict()
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        loaded = set()
+        for key, tensor in state.items():
+            name = key.removeprefix("transformer.")
+            if name.endswith((".attn.bias", ".attn.masked_bias")) or name not in ours:
+                if name == "lm_head.weight" and config.tie_weights:
+                    continue                                   # the same tensor as wte
+                if name.endswith((".attn.bias", ".attn.masked_bias")):
+                    continue                                   # causal-mask buffers, not weights
+                raise ValueError(f"unexpected key {key!r} in the GPT-2 checkpoint")
+            if name.endswith(conv1d):
+                tensor = tensor.t()
+            if tensor.shape != ours[name].shape:
+                raise ValueError(f"{key}: checkpoint shape {tuple(tensor.shape)}, ours {tuple(ours[name].shape)}")
+            ours[name].copy_(tensor)
+            loaded.add(name)
+        missing = set(ours) - loaded - ({"lm_head.weight"} if config.tie_weights else set())
+        if missing:
+            raise ValueError(f"the checkpoint lacks {sorted(missing)[:5]}")
+        return model

@@ -208,10 +208,15 @@ def load_checkpoint(model: torch.nn.Module, path) -> dict:
     with safe_open(str(path), framework="pt") as f:
         metadata = json.loads((f.metadata() or {}).get("lessons_lib", "{}"))
     state = load_file(str(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    ours = model.state_dict()
+    missing = sorted(set(ours) - set(state))
+    unexpected = sorted(set(state) - set(ours))
+    wrong = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(ours[k].shape)} in the model"
+             for k in sorted(set(state) & set(ours)) if state[k].shape != ours[k].shape]
+    if missing or unexpected or wrong:
         raise ValueError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+                         f"unexpected {unexpected[:5]}, shapes {wrong[:3]}")
+    model.load_state_dict(state)
     return metadata
 
 

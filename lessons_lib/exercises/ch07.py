@@ -1,0 +1,5 @@
+"""Checkers for chapter 07's exercises."""
+
+from ._core import Case, CheckFailed, compare_close, compare_equal, run_cases  # noqa: F401
+
+__all__: list[str] = []

@@ -1,0 +1,255 @@
+"""The recurrent baseline a Transformer is compared with, and the tools that time and weigh them.
+
+Read top to bottom:
+
+1. :class:`LSTMLanguageModel` -- Embedding -> ``torch.nn.LSTM`` -> Linear: the recurrent network
+   that Transformers replaced, as a language model with the same interface as ours
+   (token ids (batch, T) in, logits (batch, T, vocab) out).
+2. :func:`lstm_step_by_step` -- the same recurrence written as a Python loop over positions with a
+   ``torch.nn.LSTMCell``: each step needs the state the previous one produced, so ``T``
+   positions cost ``T`` steps one after another. :func:`lstm_cell_from` copies an ``nn.LSTM``'s
+   weights into a cell so the two can be compared.
+3. :func:`time_call` -- the median wall time of a call (waiting for the GPU, if there is one).
+4. :func:`attention_peak_memory` -- how much memory one attention call needs at its peak,
+   measured as the rise of the peak resident set size (RSS) of a fresh Python process. Python's
+   ``tracemalloc`` cannot see PyTorch's buffers; the operating system can.
+5. :func:`loglog_slope` -- the exponent ``p`` of a power law ``y ~ x^p`` fitted to measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = ["LSTMLanguageModel", "lstm_step_by_step", "lstm_cell_from", "time_call",
+           "attention_peak_memory", "loglog_slope"]
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+# -----------------------------------------------------------------------------
+# 1. the recurrent language model
+
+class LSTMLanguageModel(nn.Module):
+    """Token ids (batch, T) -> logits (batch, T, vocab_size) through an LSTM.
+
+    The LSTM reads the sequence left to right and carries everything it knows about the past in a
+    state of ``hidden_size`` numbers (plus as many in its memory cell), so it is causal by
+    construction: the logits at position t depend only on tokens 0..t.
+    """
+
+    def __init__(self, vocab_size: int, n_embd: int, hidden_size: int, n_layer: int = 1):
+        super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("n_embd", n_embd),
+                            ("hidden_size", hidden_size), ("n_layer", n_layer)):
+            _positive_int(name, value)
+        self.vocab_size = vocab_size
+        self.embed = nn.Embedding(vocab_size, n_embd)
+        self.lstm = nn.LSTM(n_embd, hidden_size, num_layers=n_layer, batch_first=True)
+        self.head = nn.Linear(hidden_size, vocab_size)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
+            raise ValueError(f"idx must be a (batch, T) tensor of dtype torch.long, got "
+                             f"{getattr(idx, 'shape', type(idx).__name__)} {getattr(idx, 'dtype', '')}")
+        if idx.shape[1] == 0:
+            raise ValueError("idx must hold at least one position, got T = 0")
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.vocab_size):
+            raise ValueError(f"token ids must lie in 0..{self.vocab_size - 1}, "
+                             f"got ids from {idx.min().item()} to {idx.max().item()}")
+        out, _ = self.lstm(self.embed(idx))          # (batch, T, hidden_size)
+        return self.head(out)                        # (batch, T, vocab_size)
+
+
+# -----------------------------------------------------------------------------
+# 2. the recurrence, one step at a time
+
+def lstm_step_by_step(cell: nn.LSTMCell, x: torch.Tensor,
+                      state: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Run ``cell`` over ``x`` (batch, T, input_size) one position at a time.
+
+    Returns ``(outputs, (h, c))``: the hidden state after every position (batch, T, hidden_size)
+    and the final state. Step t needs the ``(h, c)`` of step t-1, so the loop cannot be
+    parallelised over positions: this is the sequential cost of a recurrent network.
+    """
+    if not isinstance(cell, nn.LSTMCell):
+        raise ValueError(f"cell must be a torch.nn.LSTMCell, got {type(cell).__name__}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != cell.input_size:
+        raise ValueError(f"x must have shape (batch, T, input_size={cell.input_size}), "
+                         f"got {getattr(x, 'shape', type(x).__name__)}")
+    if x.shape[1] == 0:
+        raise ValueError("x must hold at least one position, got T = 0")
+    B, T, _ = x.shape
+    if state is None:
+        h = x.new_zeros(B, cell.hidden_size)
+        c = x.new_zeros(B, cell.hidden_size)
+    else:
+        h, c = state
+        if h.shape != (B, cell.hidden_size) or c.shape != (B, cell.hidden_size):
+            raise ValueError(f"state must be (h, c), each of shape ({B}, {cell.hidden_size}), "
+                             f"got {tuple(h.shape)} and {tuple(c.shape)}")
+    outputs = []
+    for t in range(T):                               # T dependent steps, one after another
+        h, c = cell(x[:, t], (h, c))
+        outputs.append(h)
+    return torch.stack(outputs, dim=1), (h, c)
+
+
+def lstm_cell_from(lstm: nn.LSTM) -> nn.LSTMCell:
+    """An ``nn.LSTMCell`` holding the weights of a one-layer, one-directional ``nn.LSTM``
+    (both use the gate order input, forget, cell, output)."""
+    if not isinstance(lstm, nn.LSTM):
+        raise ValueError(f"expected a torch.nn.LSTM, got {type(lstm).__name__}")
+    if lstm.num_layers != 1 or lstm.bidirectional or lstm.proj_size:
+        raise ValueError("expected a one-layer, one-directional nn.LSTM without projections, got "
+                         f"num_layers={lstm.num_layers}, bidirectional={lstm.bidirectional}, "
+                         f"proj_size={lstm.proj_size}")
+    w = lstm.weight_ih_l0
+    cell = nn.LSTMCell(lstm.input_size, lstm.hidden_size, bias=lstm.bias).to(w.device, w.dtype)
+    with torch.no_grad():
+        cell.weight_ih.copy_(lstm.weight_ih_l0)
+        cell.weight_hh.copy_(lstm.weight_hh_l0)
+        if lstm.bias:
+            cell.bias_ih.copy_(lstm.bias_ih_l0)
+            cell.bias_hh.copy_(lstm.bias_hh_l0)
+    return cell
+
+
+# -----------------------------------------------------------------------------
+# 3. a stopwatch
+
+def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """The median wall time of ``fn()`` in seconds, over ``repeats`` calls after ``warmup``
+    untimed ones. Waits for queued CUDA work before and after each call, so GPU timings are
+    honest. The median ignores the odd call slowed down by something else on the machine."""
+    if not callable(fn):
+        raise ValueError(f"fn must be callable with no arguments, got {type(fn).__name__}")
+    _positive_int("repeats", repeats)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# -----------------------------------------------------------------------------
+# 4. peak memory, measured by the operating system in a fresh process
+
+# The child process: make q, k, v, run attention once on a tiny slice (so one-off allocations
+# such as thread pools are not counted), note the peak RSS, run attention at full size, note the
+# peak again, print the difference in bytes.
+_CHILD = r"""
+import json, sys
+import torch
+import torch.nn.functional as F
+from lessons_lib.attention import scaled_dot_product_attention
+
+def peak_rss_bytes():
+    try:
+        import resource
+    except ImportError:                                   # Windows
+        import psutil
+        return psutil.Process().memory_info().peak_wset
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024   # bytes on macOS, KiB on Linux
+
+a = json.loads(sys.argv[1])
+torch.manual_seed(0)
+q, k, v = (torch.randn(a["batch_size"], a["n_heads"], a["n_positions"], a["head_dim"]) for _ in range(3))
+if a["fused"]:
+    attend = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
+else:
+    attend = lambda q, k, v: scaled_dot_product_attention(q, k, v)[0]
+attend(q[..., :8, :], k[..., :8, :], v[..., :8, :])
+before = peak_rss_bytes()
+out = attend(q, k, v)
+after = peak_rss_bytes()
+print(json.dumps({"extra_bytes": after - before, "baseline_bytes": before}))
+"""
+
+
+def attention_peak_memory(sizes: Sequence[int], n_heads: int = 8, head_dim: int = 32,
+                          batch_size: int = 1, fused: bool = False,
+                          max_workers: int | None = None) -> list[int]:
+    """For each sequence length in ``sizes``, the bytes by which one self-attention call on CPU
+    raises a process's peak memory.
+
+    For each length N a fresh Python process builds q, k, v of shape
+    (batch_size, n_heads, N, head_dim) and calls either the explicit
+    :func:`lessons_lib.attention.scaled_dot_product_attention` (``fused=False``: it builds the
+    N x N score and weight matrices) or PyTorch's fused
+    ``torch.nn.functional.scaled_dot_product_attention`` (``fused=True``: it works through the
+    keys in blocks and never stores the whole matrix). The answer is the rise of that process's
+    peak resident set size during the one call, as the operating system reports it. A fresh
+    process per length keeps an earlier, larger peak from hiding this one. Up to
+    ``max_workers`` processes (default: the number of CPUs, at most 4) run at once; each
+    measures only itself.
+    """
+    if isinstance(sizes, (int, bool)) or not isinstance(sizes, Sequence) or len(sizes) == 0:
+        raise ValueError(f"sizes must be a non-empty list of sequence lengths, got {sizes!r}")
+    for n in sizes:
+        _positive_int("every size", n)
+    for name, value in (("n_heads", n_heads), ("head_dim", head_dim), ("batch_size", batch_size)):
+        _positive_int(name, value)
+    if not isinstance(fused, bool):
+        raise ValueError(f"fused must be True or False, got {fused!r}")
+    if max_workers is None:
+        max_workers = min(4, os.cpu_count() or 1)
+    _positive_int("max_workers", max_workers)
+
+    def measure(n: int) -> int:
+        args = json.dumps({"n_positions": n, "n_heads": n_heads, "head_dim": head_dim,
+                           "batch_size": batch_size, "fused": fused})
+        done = subprocess.run([sys.executable, "-c", _CHILD, args], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"the measuring process for N={n} failed (exit code "
+                               f"{done.returncode}):\n{done.stderr.strip()[-2000:]}")
+        return int(json.loads(done.stdout.strip().splitlines()[-1])["extra_bytes"])
+
+    with ThreadPoolExecutor(max_workers=min(max_workers, len(sizes))) as pool:
+        return list(pool.map(measure, sizes))
+
+
+# -----------------------------------------------------------------------------
+# 5. power-law fits
+
+def loglog_slope(x: Sequence[float], y: Sequence[float]) -> float:
+    """The slope p of the least-squares line through (log x, log y): ``y ~ x^p``.
+
+    p = 1 means y doubles when x doubles; p = 2 means it quadruples."""
+    xs = [float(v) for v in x]
+    ys = [float(v) for v in y]
+    if len(xs) != len(ys):
+        raise ValueError(f"x and y must have the same length, got {len(xs)} and {len(ys)}")
+    if len(xs) < 2:
+        raise ValueError(f"need at least 2 points to fit a slope, got {len(xs)}")
+    if any(not (v > 0 and math.isfinite(v)) for v in xs + ys):
+        raise ValueError("every x and y must be a positive finite number (their logarithms are fitted)")
+    lx = [math.log(v) for v in xs]
+    ly = [math.log(v) for v in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    sxx = sum((a - mx) ** 2 for a in lx)
+    if sxx == 0:
+        raise ValueError("the x values are all equal: a slope needs at least two different x")
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sxx
