@@ -198,12 +198,17 @@ class MultiHeadAttention(nn.Module):
             y = self._attend_with_cache(q, k, v, kv)
             return self.resid_dropout(self.c_proj(merge_heads(y)))
 
+        scores_shape = torch.Size((B, self.n_heads, T, T))
+        if mask is not None:
+            _check_mask(mask, scores_shape)                  # the caller's mask, as given
         fused_causal = self.causal and mask is None and not return_weights
         if self.causal and not fused_causal:
             causal = causal_mask(T, device=x.device)
-            mask = causal if mask is None else mask & causal
-        if mask is not None:
-            _check_mask(mask, torch.Size((B, self.n_heads, T, T)))
+            if mask is None:
+                mask = causal
+            else:                                            # combined, a row may end up empty
+                mask = mask & causal
+                _check_mask(mask, scores_shape)
 
         if return_weights:   # the explicit path: we need the weights to look at them
             y, weights = scaled_dot_product_attention(q, k, v, mask)

@@ -322,6 +322,11 @@ def test_mha_errors():
     for path in (False, True):
         with pytest.raises(ValueError, match="every key is masked"):
             m(x, mask=bad, return_weights=path)
+    mc = MultiHeadAttention(8, 2, causal=True)
+    with pytest.raises(ValueError, match="torch.bool"):
+        mc(x, mask=torch.ones(5, 5))
+    with pytest.raises(ValueError, match=r"mask of shape \(3, 5\)"):
+        mc(x, mask=torch.ones(3, 5, dtype=torch.bool))
     # with causal=True, a padding mask that hides the first token leaves row 0 empty
     mc = MultiHeadAttention(8, 2, causal=True)
     pad = torch.ones(1, 1, 1, 5, dtype=torch.bool)
