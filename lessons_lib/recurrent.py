@@ -9,11 +9,12 @@ Read top to bottom:
    ``torch.nn.LSTMCell``: each step needs the state the previous one produced, so ``T``
    positions cost ``T`` steps one after another. :func:`lstm_cell_from` copies an ``nn.LSTM``'s
    weights into a cell so the two can be compared.
-3. :func:`time_call` -- the median wall time of a call (waiting for the GPU, if there is one).
+3. :func:`time_call` -- the shortest wall time of a call (waiting for the GPU, if there is one).
 4. :func:`attention_peak_memory` -- how much memory one attention call needs at its peak,
-   measured as the rise of the peak resident set size (RSS) of a fresh Python process. Python's
-   ``tracemalloc`` cannot see PyTorch's buffers; the operating system can.
-5. :func:`loglog_slope` -- the exponent ``p`` of a power law ``y ~ x^p`` fitted to measurements.
+   measured as the rise of the peak resident set size (RSS) of a separate Python process.
+   Python's ``tracemalloc`` cannot see PyTorch's buffers; the operating system can.
+5. :func:`loglog_fit` / :func:`loglog_slope` -- the power law ``y = a * x^p`` that fits
+   measurements best on a log-log plot, and its exponent ``p``.
 """
 
 from __future__ import annotations
@@ -21,18 +22,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
 __all__ = ["LSTMLanguageModel", "lstm_step_by_step", "lstm_cell_from", "time_call",
-           "attention_peak_memory", "loglog_slope"]
+           "attention_peak_memory", "loglog_fit", "loglog_slope"]
 
 
 def _positive_int(name: str, value) -> None:
@@ -132,9 +131,10 @@ def lstm_cell_from(lstm: nn.LSTM) -> nn.LSTMCell:
 # 3. a stopwatch
 
 def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """The median wall time of ``fn()`` in seconds, over ``repeats`` calls after ``warmup``
+    """The shortest wall time of ``fn()`` in seconds, over ``repeats`` calls after ``warmup``
     untimed ones. Waits for queued CUDA work before and after each call, so GPU timings are
-    honest. The median ignores the odd call slowed down by something else on the machine."""
+    honest. The shortest call is the best estimate of the cost itself: other programs on the
+    machine can only ever add time, never take it away (the advice of Python's ``timeit``)."""
     if not callable(fn):
         raise ValueError(f"fn must be callable with no arguments, got {type(fn).__name__}")
     _positive_int("repeats", repeats)
@@ -150,17 +150,18 @@ def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> fl
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 # -----------------------------------------------------------------------------
 # 4. peak memory, measured by the operating system in a fresh process
 
-# The child process: make q, k, v, run attention once on a tiny slice (so one-off allocations
-# such as thread pools are not counted), note the memory in use, run attention at full size, note
-# the peak, print the difference in bytes. On Linux the kernel's high-water mark is first reset
-# to the memory in use now, so a peak reached earlier (while importing torch, say) cannot hide
-# this one; elsewhere the peak so far is the baseline.
+# The measuring process. For each length: make q, k, v, run attention once on a tiny slice (so
+# one-off allocations such as thread pools are not counted), note the memory in use, run attention
+# at full size, note the peak, report the difference in bytes. On Linux the kernel's high-water
+# mark can be reset to the memory in use now, so one process measures every length in turn and no
+# earlier peak (importing torch, a longer sequence) can hide a later one. Elsewhere the peak so far
+# is the baseline, so each length needs a process of its own ("separate": the parent starts them).
 _CHILD = r"""
 import gc, json, sys
 import torch
@@ -191,42 +192,74 @@ def peak_so_far():
     return peak if sys.platform == "darwin" else peak * 1024   # bytes on macOS, KiB elsewhere
 
 a = json.loads(sys.argv[1])
-torch.manual_seed(0)
-q, k, v = (torch.randn(a["batch_size"], a["n_heads"], a["n_positions"], a["head_dim"]) for _ in range(3))
 if a["fused"]:
     attend = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
 else:
     attend = lambda q, k, v: scaled_dot_product_attention(q, k, v)[0]
-attend(q[..., :8, :], k[..., :8, :], v[..., :8, :])
-gc.collect()
-if reset_peak():
-    before = proc_status("VmRSS")
-    out = attend(q, k, v)
-    after = proc_status("VmHWM")
-else:
-    before = peak_so_far()
-    out = attend(q, k, v)
-    after = peak_so_far()
-print(json.dumps({"extra_bytes": max(0, after - before), "baseline_bytes": before}))
+can_reset = False if a.get("no_reset") else reset_peak()     # no_reset: the tests' way to try
+if not can_reset and len(a["sizes"]) > 1:
+    print(json.dumps({"separate": True}))
+    sys.exit(0)
+extra = []
+for n in a["sizes"]:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(a["batch_size"], a["n_heads"], n, a["head_dim"]) for _ in range(3))
+    attend(q[..., :8, :], k[..., :8, :], v[..., :8, :])
+    gc.collect()
+    if can_reset:
+        reset_peak()
+        before = proc_status("VmRSS")
+        out = attend(q, k, v)
+        after = proc_status("VmHWM")
+    else:
+        before = peak_so_far()
+        out = attend(q, k, v)
+        after = peak_so_far()
+    extra.append(max(0, after - before))
+    del q, k, v, out
+    gc.collect()
+print(json.dumps({"extra_bytes": extra}))
 """
 
 
-def attention_peak_memory(sizes: Sequence[int], n_heads: int = 8, head_dim: int = 32,
-                          batch_size: int = 1, fused: bool = False,
-                          max_workers: int | None = None) -> list[int]:
-    """For each sequence length in ``sizes``, the bytes by which one self-attention call on CPU
-    raises a process's peak memory.
+# The measuring process is started by a small Python process that imports nothing and only
+# starts it. A process inherits the peak memory of the process it was forked from (on Linux,
+# ``ru_maxrss`` survives fork and exec), and the parent here is often a notebook holding hundreds
+# of megabytes; the small go-between keeps that inherited peak small.
+_LAUNCHER = "import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-c'] + sys.argv[1:]).returncode)"
 
-    For each length N a fresh Python process builds q, k, v of shape
-    (batch_size, n_heads, N, head_dim) and calls either the explicit
-    :func:`lessons_lib.attention.scaled_dot_product_attention` (``fused=False``: it builds the
-    N x N score and weight matrices) or PyTorch's fused
+
+# glibc (Linux) serves a large allocation straight from the operating system and hands it back
+# when it is freed, but after such a free it raises that size limit, and later buffers come from
+# memory it kept: a smaller length measured after a larger one would then show no rise at all.
+# Fixing the limit keeps every buffer above 64 KiB visible. Other systems ignore the variable.
+_CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def _run_child(sizes: list[int], settings: dict) -> dict:
+    args = json.dumps({"sizes": sizes, **settings})
+    done = subprocess.run([sys.executable, "-c", _LAUNCHER, _CHILD, args], capture_output=True, text=True,
+                          env={**os.environ, **_CHILD_ENV})
+    if done.returncode != 0:
+        raise RuntimeError(f"the measuring process for N={sizes} failed (exit code "
+                           f"{done.returncode}):\n{done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def attention_peak_memory(sizes: Sequence[int], n_heads: int = 8, head_dim: int = 32,
+                          batch_size: int = 1, fused: bool = False) -> list[int]:
+    """For each sequence length N in ``sizes``, the bytes by which one self-attention call on CPU
+    raises the peak memory of a Python process.
+
+    A separate Python process builds q, k, v of shape (batch_size, n_heads, N, head_dim) and
+    calls either the explicit :func:`lessons_lib.attention.scaled_dot_product_attention`
+    (``fused=False``: it builds the N x N score and weight matrices) or PyTorch's fused
     ``torch.nn.functional.scaled_dot_product_attention`` (``fused=True``: it works through the
     keys in blocks and never stores the whole matrix). The answer is the rise of that process's
-    peak resident set size during the one call, as the operating system reports it. A fresh
-    process per length keeps an earlier, larger peak from hiding this one. Up to
-    ``max_workers`` processes (default: the number of CPUs, at most 4) run at once; each
-    measures only itself.
+    peak resident set size (RSS) during the one call, as the operating system reports it;
+    Python's ``tracemalloc`` cannot see PyTorch's buffers. On Linux one process measures every
+    length, resetting the kernel's peak before each; elsewhere each length gets a fresh process,
+    so that an earlier, larger peak cannot hide a later one.
     """
     if isinstance(sizes, (int, bool)) or not isinstance(sizes, Sequence) or len(sizes) == 0:
         raise ValueError(f"sizes must be a non-empty list of sequence lengths, got {sizes!r}")
@@ -236,28 +269,19 @@ def attention_peak_memory(sizes: Sequence[int], n_heads: int = 8, head_dim: int 
         _positive_int(name, value)
     if not isinstance(fused, bool):
         raise ValueError(f"fused must be True or False, got {fused!r}")
-    if max_workers is None:
-        max_workers = min(4, os.cpu_count() or 1)
-    _positive_int("max_workers", max_workers)
-
-    def measure(n: int) -> int:
-        args = json.dumps({"n_positions": n, "n_heads": n_heads, "head_dim": head_dim,
-                           "batch_size": batch_size, "fused": fused})
-        done = subprocess.run([sys.executable, "-c", _CHILD, args], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"the measuring process for N={n} failed (exit code "
-                               f"{done.returncode}):\n{done.stderr.strip()[-2000:]}")
-        return int(json.loads(done.stdout.strip().splitlines()[-1])["extra_bytes"])
-
-    with ThreadPoolExecutor(max_workers=min(max_workers, len(sizes))) as pool:
-        return list(pool.map(measure, sizes))
+    settings = {"n_heads": n_heads, "head_dim": head_dim, "batch_size": batch_size, "fused": fused}
+    answer = _run_child(list(sizes), settings)
+    if answer.get("separate"):                       # no way to reset the peak: one process per size
+        answer = {"extra_bytes": [_run_child([n], settings)["extra_bytes"][0] for n in sizes]}
+    return [int(b) for b in answer["extra_bytes"]]
 
 
 # -----------------------------------------------------------------------------
 # 5. power-law fits
 
-def loglog_slope(x: Sequence[float], y: Sequence[float]) -> float:
-    """The slope p of the least-squares line through (log x, log y): ``y ~ x^p``.
+def loglog_fit(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """The power law ``y = a * x^p`` that fits the points best in log-log space: the least-squares
+    line through (log x, log y). Returns ``(p, a)``.
 
     p = 1 means y doubles when x doubles; p = 2 means it quadruples."""
     xs = [float(v) for v in x]
@@ -274,4 +298,10 @@ def loglog_slope(x: Sequence[float], y: Sequence[float]) -> float:
     sxx = sum((a - mx) ** 2 for a in lx)
     if sxx == 0:
         raise ValueError("the x values are all equal: a slope needs at least two different x")
-    return sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sxx
+    p = sum((a - mx) * (b - my) for a, b in zip(lx, ly)) / sxx
+    return p, math.exp(my - p * mx)
+
+
+def loglog_slope(x: Sequence[float], y: Sequence[float]) -> float:
+    """The exponent p of the power law ``y ~ x^p`` fitted by :func:`loglog_fit`."""
+    return loglog_fit(x, y)[0]

@@ -8,8 +8,6 @@ a forgotten LayerNorm, the gates in the wrong order) the message says so.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ._core import Case, CheckFailed, _short, compare_close, compare_equal, run_cases  # noqa: F401
