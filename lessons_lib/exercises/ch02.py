@@ -13,6 +13,7 @@ from collections import Counter
 import regex
 
 from ..tokenizers import GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer
+from ..tokenizers import _merge as _reference_merge
 from ._core import Case, CheckFailed, compare_close, compare_equal, run_cases  # noqa: F401
 
 __all__ = ["check_bytes_per_token", "check_merge", "check_train_bpe", "check_bpe_encode"]
@@ -75,18 +76,6 @@ def check_bytes_per_token(fn) -> None:
 
 
 # -- exercise 2: one merge ----------------------------------------------------------------------
-
-def _reference_merge(ids, pair, new_id):
-    out, i = [], 0
-    while i < len(ids):
-        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
-            out.append(new_id)
-            i += 2
-        else:
-            out.append(ids[i])
-            i += 1
-    return out
-
 
 def check_merge(fn) -> None:
     """Grade ``fn(ids, pair, new_id) -> list``: every occurrence of ``pair`` replaced by ``new_id``,
