@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from dataclasses import dataclass, field
+
 import torch
 
 
@@ -33,9 +36,6 @@ def copy_task(batch_size: int, n_copy: int, vocab_size: int, generator: torch.Ge
 # the other half only as the SECOND; the held-out split swaps the two halves, so a model
 # that answers from positions ("it" is always the first noun) fails there, and one that
 # answers from meaning (the adjective fits an animal, and this noun is an animal) succeeds.
-
-from dataclasses import dataclass, field
-import random
 
 ANIMALS = (
     "cat", "dog", "horse", "cow", "sheep", "goat", "pig", "rabbit", "mouse", "fox",
@@ -97,8 +97,9 @@ class ReferentSplit:
 @dataclass
 class ReferentTask:
     """The vocabulary, the noun roles and the two splits of :func:`referent_sentences`."""
-    vocab: list[str]                       # id -> word; vocab[0] is "<pad>"
-    nouns: list[str]                       # label -> noun: the animals, then the objects
+    vocab: list[str]                       # id -> word; vocab[0] is "<pad>", the nouns come last
+    nouns: list[str]                       # label -> noun: the animals, then the objects;
+                                           # vocab[-len(nouns):] == nouns, so label = id - offset
     animals: list[str]
     objects: list[str]
     first_in_train: list[str]              # nouns that are only ever the first noun in training
@@ -148,8 +149,7 @@ def _make_split(rng: random.Random, n: int, first: list[str], second: list[str],
         text = template.format(n1=n1, n2=n2, verb=rng.choice(VERBS), prep=rng.choice(PREPOSITIONS),
                                size=rng.choice(SIZES), adj=rng.choice(adjectives))
         words = text.split()
-        # the slots are filled left to right, so n1's "the" comes before n2's: find by slot
-        slots = template.split()
+        slots = template.split()                  # one slot per word, so slot index = word position
         p1, p2, pit = slots.index("{n1}"), slots.index("{n2}"), slots.index("it")
         sentences.append(text)
         rows.append([stoi[w] for w in words] + [0] * (block_size - len(words)))
