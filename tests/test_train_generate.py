@@ -148,3 +148,13 @@ def test_generate_errors():
         generate(model, torch.zeros(2, 0, dtype=torch.long), 3)
     with pytest.raises(ValueError, match="integer token ids"):
         generate(model, torch.tensor([1.0]), 3)
+
+
+def test_bf16_evaluation_is_close_to_fp32():
+    from lessons_lib.train import evaluate
+    model = tiny_model()
+    g = torch.Generator().manual_seed(5)
+    batches = [(torch.randint(23, (4, 16), generator=g), torch.randint(23, (4, 16), generator=g)) for _ in range(3)]
+    fp32 = evaluate(model, batches, torch.device("cpu"))
+    bf16 = evaluate(model, batches, torch.device("cpu"), bf16=True)
+    assert abs(fp32 - bf16) < 0.02 and abs(fp32 - math.log(23)) < 0.2

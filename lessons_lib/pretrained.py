@@ -1,0 +1,301 @@
+"""Pre-trained models the chapters share, built here by a fixed recipe and cached.
+
+Chapter 7 trains a small character-level GPT on the Shakespeare corpus. Later chapters start
+from that model instead of training it again:
+
+    from lessons_lib.pretrained import shakespeare_char
+    model, tokenizer, report = shakespeare_char()      # trains on first call (about a minute)
+    print(report.val_loss, report.train_seconds)
+
+The first call trains with the chapter's recipe and saves the weights as a safetensors file in
+the cache folder (``lessons_lib.assets.cache_dir()``, i.e. ``LESSONS_LIB_CACHE`` or
+``~/.cache/lessons_lib``), under a name that includes a hash of the recipe: change any number in
+the recipe and the next call trains a new model. Training is seeded, so the same recipe on the
+same machine gives the same weights.
+
+The score is :func:`evaluate_split`: the mean next-token loss over the *whole* validation split,
+cut into non-overlapping windows of ``block_size`` tokens (the last window may be shorter), so
+that every validation token is predicted exactly once and no number depends on random batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+
+from . import assets
+from .data import load_shakespeare, train_val_split
+from .model import GPT, GPTConfig
+from .tokenizers import CharTokenizer
+from .train import TrainConfig, load_checkpoint, pick_device, save_checkpoint, train
+
+__all__ = ["Recipe", "RECIPES", "PretrainReport", "evaluate_split", "shakespeare_data",
+           "train_shakespeare_char", "shakespeare_char", "cache_path", "models_dir"]
+
+# bump when the meaning of a recipe changes (data, model code) so old caches are not reused
+FORMAT_VERSION = 1
+
+
+# -----------------------------------------------------------------------------
+# 1. the exact score: every validation token, once
+
+@torch.no_grad()
+def evaluate_split(model, ids: torch.Tensor, block_size: int | None = None, batch_size: int = 64,
+                   device=None) -> float:
+    """Mean cross-entropy (nats per token) of ``model`` on the whole 1-D tensor ``ids``.
+
+    The ``len(ids) - 1`` predictions (each token predicts the next one) are cut into
+    consecutive, non-overlapping windows of ``block_size`` positions; each window is scored from
+    a fresh context, so the first token of a window is predicted from itself alone and the last
+    from ``block_size`` tokens. The last window is shorter when ``block_size`` does not divide
+    ``len(ids) - 1``. The result is the sum of the per-token losses divided by ``len(ids) - 1``:
+    every token counts once. Runs in float32 and in eval mode (no dropout).
+    """
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 1:
+        raise ValueError(f"ids must be a 1-D tensor of token ids, got {type(ids).__name__} "
+                         f"of shape {tuple(getattr(ids, 'shape', ()))}")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"ids must hold integer token ids, got dtype {ids.dtype}")
+    if len(ids) < 2:
+        raise ValueError(f"need at least 2 tokens (one prediction), got {len(ids)}")
+    model_block = getattr(getattr(model, "config", None), "block_size", None)
+    block_size = block_size or model_block
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if model_block is not None and block_size > model_block:
+        raise ValueError(f"block_size={block_size} is longer than the model's block_size={model_block}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    inputs, targets = ids[:-1], ids[1:]
+    n = len(inputs)
+    full = n // block_size
+    total = 0.0
+
+    def window_loss(x, y) -> float:
+        logits, _ = model(x.to(device))
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.to(device).reshape(-1),
+                               reduction="sum").item()
+
+    xs = inputs[: full * block_size].view(full, block_size)
+    ys = targets[: full * block_size].view(full, block_size)
+    for i in range(0, full, batch_size):
+        total += window_loss(xs[i:i + batch_size], ys[i:i + batch_size])
+    if full * block_size < n:                                  # the shorter last window
+        total += window_loss(inputs[full * block_size:][None], targets[full * block_size:][None])
+    model.train(was_training)
+    return total / n
+
+
+# -----------------------------------------------------------------------------
+# 2. the recipe
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the trained weights: the model's sizes and the training run.
+
+    The default is chapter 7's: 3 layers, 4 heads, 128 wide, 64-character windows; batches of 6
+    windows and a high learning rate (on a 2-core CPU small batches cost as much per token as
+    large ones, so they buy many more updates); 3% warmup then a cosine to a tenth;
+    bfloat16 autocast; a fixed number of steps, so the run is deterministic.
+    """
+
+    n_layer: int = 3
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    dropout: float = 0.0
+    batch_size: int = 6
+    max_steps: int = 4000
+    lr: float = 3e-3
+    warmup_steps: int = 120
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    bf16: bool = True
+    seed: int = 1337
+    eval_interval: int = 800
+    eval_batches: int = 20
+
+    def __post_init__(self):
+        self.model_config(64)            # let GPTConfig and TrainConfig check the numbers
+        self.train_config()
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
+                         n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout)
+
+    def train_config(self, device: str = "auto", progress: bool = True) -> TrainConfig:
+        return TrainConfig(max_steps=self.max_steps, batch_size=self.batch_size, block_size=self.block_size,
+                           lr=self.lr, min_lr_ratio=self.min_lr_ratio, warmup_steps=self.warmup_steps,
+                           weight_decay=self.weight_decay, betas=(self.beta1, self.beta2),
+                           grad_clip=self.grad_clip, eval_interval=self.eval_interval,
+                           eval_batches=self.eval_batches, bf16=self.bf16, seed=self.seed,
+                           device=device, progress=progress)
+
+    @property
+    def tokens(self) -> int:
+        """Training tokens the recipe reads: steps x batch x block."""
+        return self.max_steps * self.batch_size * self.block_size
+
+    def key(self) -> str:
+        """A short hash of every field (and of the cache format): the cache file's name."""
+        text = json.dumps({"format": FORMAT_VERSION, "corpus": "shakespeare-char", **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+RECIPES: dict[str, Recipe] = {
+    # chapter 7's run, the "one-minute model": about 50 s of training on a quiet 2-core CPU,
+    # validation loss about 1.71 (nanoGPT's CPU recipe: 1.89 in 112 s)
+    "1min": Recipe(),
+    # the "three-minute model": 4 layers, batches of 8, 9,000 steps; validation loss about 1.53
+    "3min": Recipe(n_layer=4, batch_size=8, max_steps=9000, warmup_steps=270, eval_interval=1500),
+}
+
+
+# -----------------------------------------------------------------------------
+# 3. training and the report
+
+@dataclass
+class PretrainReport:
+    """What a pre-trained model is and how well it does."""
+
+    recipe: dict                     # the Recipe's fields
+    key: str                         # the recipe's hash (the cache file's name)
+    val_loss: float                  # evaluate_split on the whole val split
+    train_seconds: float             # wall time of training: the steps and the periodic evaluations
+                                     # (history["seconds"] counts the steps alone); callbacks excluded
+    steps: int
+    tokens: int                      # training tokens read
+    parameters: int
+    history: dict = field(default_factory=dict)   # the training History as lists
+    device: str = "cpu"
+    torch_version: str = ""
+    from_cache: bool = False
+    path: str = ""
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out.pop("from_cache")
+        out.pop("path")
+        return out
+
+
+def shakespeare_data(val_fraction: float = 0.1):
+    """``(tokenizer, train_ids, val_ids)``: the character-level Shakespeare corpus, last 10% for validation."""
+    text = load_shakespeare()
+    tokenizer = CharTokenizer.from_text(text)
+    ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    train_ids, val_ids = train_val_split(ids, val_fraction)
+    return tokenizer, train_ids, val_ids
+
+
+def _as_recipe(recipe) -> Recipe:
+    if recipe is None:
+        return RECIPES["1min"]
+    if isinstance(recipe, str):
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {recipe!r}; the named recipes are {list(RECIPES)}")
+        return RECIPES[recipe]
+    if not isinstance(recipe, Recipe):
+        raise ValueError(f"recipe must be a Recipe, one of {list(RECIPES)} or None, got {type(recipe).__name__}")
+    return recipe
+
+
+def models_dir() -> Path:
+    """The folder of cached pre-trained models: ``pretrained/`` in the assets' cache folder."""
+    return assets.cache_dir() / "pretrained"
+
+
+def cache_path(recipe: Recipe | str | None = None) -> Path:
+    """Where the model for ``recipe`` is (or will be) cached."""
+    recipe = _as_recipe(recipe)
+    return models_dir() / f"shakespeare_char-{recipe.key()}.safetensors"
+
+
+def train_shakespeare_char(recipe: Recipe | str | None = None, callback=None, progress: bool = True,
+                           device: str = "auto"):
+    """Train a fresh model with ``recipe``; return ``(model, tokenizer, report)`` (nothing cached).
+
+    ``callback(step, model, history)`` runs after each periodic evaluation, as in
+    :func:`lessons_lib.train.train`. The model comes back in eval mode.
+    """
+    recipe = _as_recipe(recipe)
+    tokenizer, train_ids, val_ids = shakespeare_data()
+    torch.manual_seed(recipe.seed)
+    model = GPT(recipe.model_config(tokenizer.vocab_size))
+    in_callback = [0.0]
+
+    def timed_callback(step, model, history):      # the caller's work is not training time
+        t = time.perf_counter()
+        callback(step, model, history)
+        in_callback[0] += time.perf_counter() - t
+
+    start = time.perf_counter()
+    history = train(model, (train_ids, val_ids), recipe.train_config(device, progress),
+                    callback=timed_callback if callback is not None else None)
+    seconds = time.perf_counter() - start - in_callback[0]
+    model.eval()
+    report = PretrainReport(recipe=asdict(recipe), key=recipe.key(),
+                            val_loss=evaluate_split(model, val_ids, recipe.block_size),
+                            train_seconds=seconds, steps=len(history.step), tokens=history.tokens,
+                            parameters=model.num_parameters(), history=asdict(history),
+                            device=str(pick_device(device)), torch_version=torch.__version__)
+    return model, tokenizer, report
+
+
+def _save(model, tokenizer: CharTokenizer, report: PretrainReport, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_checkpoint(model, tmp, {"report": report.to_json(), "chars": tokenizer.chars})
+    os.replace(tmp, path)                    # atomic: a reader never sees half a file
+
+
+def _load(recipe: Recipe, path: Path, device: str):
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("lessons_lib", "{}"))
+    tokenizer = CharTokenizer(meta["chars"])
+    model = GPT(recipe.model_config(tokenizer.vocab_size))
+    load_checkpoint(model, path)
+    info = meta["report"]
+    if info.get("recipe") != asdict(recipe):
+        raise ValueError(f"{path} holds a model for another recipe")
+    report = PretrainReport(**info, from_cache=True, path=str(path))
+    return model.to(pick_device(device)).eval(), tokenizer, report
+
+
+def shakespeare_char(recipe: Recipe | str | None = None, *, retrain: bool = False, callback=None,
+                     progress: bool = True, device: str = "auto"):
+    """Chapter 7's character-level Shakespeare GPT: ``(model, tokenizer, report)``.
+
+    The first call trains it with ``recipe`` (default: the chapter's, ``RECIPES["1min"]``)
+    and caches it; later calls load it from the cache without training (``report.from_cache``
+    is then True and ``report.train_seconds`` is the original run's time). ``retrain=True``
+    trains anyway and replaces the cached file, as chapter 7 does so that its curves are live.
+    ``recipe`` may also be the name of one of :data:`RECIPES` ("1min", "3min").
+    """
+    recipe = _as_recipe(recipe)
+    path = cache_path(recipe)
+    if path.exists() and not retrain:
+        try:
+            return _load(recipe, path, device)
+        except (ValueError, KeyError, TypeError, OSError, SafetensorError):
+            pass                             # a damaged or foreign file: train again
+    model, tokenizer, report = train_shakespeare_char(recipe, callback=callback, progress=progress,
+                                                      device=device)
+    _save(model, tokenizer, report, path)
+    report.path = str(path)
+    return model, tokenizer, report

@@ -1,0 +1,211 @@
+"""lessons_lib.pretrained: the exact whole-split score, the recipe's cache key, the cache itself."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, fields, replace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lessons_lib import pretrained
+from lessons_lib.model import GPT, GPTConfig
+from lessons_lib.pretrained import (RECIPES, Recipe, cache_path, evaluate_split, shakespeare_char,
+                                    shakespeare_data)
+
+TINY_MODEL = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16)
+TINY_RECIPE = Recipe(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_steps=6,
+                     warmup_steps=1, eval_interval=3, eval_batches=1, bf16=False)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(TINY_MODEL).eval()
+
+
+def by_hand(model, ids, block_size):
+    """Every window scored alone, in float64, with an explicit log-softmax."""
+    nll = []
+    for start in range(0, len(ids) - 1, block_size):
+        x = ids[start:start + block_size]
+        y = ids[start + 1:start + block_size + 1]
+        x = x[: len(y)]
+        with torch.no_grad():
+            logits = model(x[None])[0][0].double()
+        log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+        nll += [-log_probs[t, y[t]].item() for t in range(len(y))]
+    return sum(nll) / len(nll), len(nll)
+
+
+# -- the exact score -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_ids, block_size", [(41, 8), (33, 8), (9, 8), (2, 8), (20, 3), (30, 1)])
+def test_evaluate_split_equals_a_hand_computation(n_ids, block_size):
+    model = tiny_model()
+    ids = torch.randint(11, (n_ids,), generator=torch.Generator().manual_seed(n_ids))
+    expected, count = by_hand(model, ids, block_size)
+    assert count == n_ids - 1                       # every token but the first is predicted once
+    assert evaluate_split(model, ids, block_size) == pytest.approx(expected, rel=1e-5)
+
+
+def test_evaluate_split_does_not_depend_on_the_batch_size():
+    model = tiny_model()
+    ids = torch.randint(11, (500,), generator=torch.Generator().manual_seed(1))
+    results = [evaluate_split(model, ids, 8, batch_size=b) for b in (1, 7, 64)]
+    assert max(results) - min(results) < 1e-6
+
+
+class Uniform(nn.Module):
+    """Equal logits everywhere: the loss must be exactly ln V on any text."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, idx):
+        return torch.zeros(*idx.shape, self.vocab_size) + 0 * self.dummy, None
+
+
+def test_a_uniform_model_scores_ln_v():
+    ids = torch.randint(64, (1000,), generator=torch.Generator().manual_seed(2))
+    assert evaluate_split(Uniform(64), ids, block_size=64) == pytest.approx(math.log(64), rel=1e-6)
+
+
+def test_evaluate_split_defaults_to_the_model_block_and_restores_training_mode():
+    model = tiny_model().train()
+    ids = torch.randint(11, (50,), generator=torch.Generator().manual_seed(3))
+    assert evaluate_split(model, ids) == evaluate_split(model, ids, 8)
+    assert model.training
+
+
+def test_evaluate_split_errors():
+    model = tiny_model()
+    ids = torch.arange(10) % 11
+    with pytest.raises(ValueError, match="1-D"):
+        evaluate_split(model, ids[None])
+    with pytest.raises(ValueError, match="integer"):
+        evaluate_split(model, ids.float())
+    with pytest.raises(ValueError, match="at least 2"):
+        evaluate_split(model, ids[:1])
+    with pytest.raises(ValueError, match="longer than the model"):
+        evaluate_split(model, ids, block_size=9)
+    with pytest.raises(ValueError, match="block_size"):
+        evaluate_split(model, ids, block_size=-1)
+    with pytest.raises(ValueError, match="block_size"):
+        evaluate_split(Uniform(11), ids)               # no config: block_size is required
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate_split(model, ids, batch_size=0)
+
+
+# -- recipes ---------------------------------------------------------------------------------
+
+def test_every_field_of_the_recipe_is_in_the_key():
+    base = Recipe()
+    keys = {base.key()}
+    for f in fields(Recipe):
+        value = getattr(base, f.name)
+        changed = (not value) if isinstance(value, bool) else value * 2 if f.name != "dropout" else 0.1
+        if f.name in ("warmup_steps",):
+            changed = value + 1
+        keys.add(replace(base, **{f.name: changed}).key())
+    assert len(keys) == len(fields(Recipe)) + 1
+    assert Recipe().key() == base.key() and len(base.key()) == 16
+
+
+def test_recipe_checks_its_numbers_and_the_named_recipes_exist():
+    with pytest.raises(ValueError):
+        Recipe(n_layer=0)
+    with pytest.raises(ValueError):
+        Recipe(max_steps=10, warmup_steps=20)
+    assert set(RECIPES) >= {"1min", "3min"}
+    assert RECIPES["1min"] == Recipe() and RECIPES["3min"].tokens > RECIPES["1min"].tokens
+    with pytest.raises(ValueError, match="unknown recipe"):
+        cache_path("5min")
+    with pytest.raises(ValueError, match="must be a Recipe"):
+        cache_path(42)
+
+
+def test_the_data_split_is_the_last_tenth():
+    tokenizer, train_ids, val_ids = shakespeare_data()
+    assert tokenizer.vocab_size == 64
+    assert abs(len(val_ids) / (len(train_ids) + len(val_ids)) - 0.1) < 1e-3
+
+
+# -- the cache -------------------------------------------------------------------------------
+
+@pytest.fixture
+def counted_training(monkeypatch, tmp_path):
+    """Cache into a temporary folder and count how often the trainer runs."""
+    monkeypatch.setattr(pretrained, "models_dir", lambda: tmp_path)
+    calls = []
+    real_train = pretrained.train
+
+    def counting_train(*args, **kwargs):
+        calls.append(1)
+        return real_train(*args, **kwargs)
+    monkeypatch.setattr(pretrained, "train", counting_train)
+    return calls
+
+
+def test_first_call_trains_and_the_second_loads_from_the_cache(counted_training):
+    model, tokenizer, report = shakespeare_char(TINY_RECIPE, progress=False)
+    assert len(counted_training) == 1 and not report.from_cache
+    assert cache_path(TINY_RECIPE).exists() and report.path == str(cache_path(TINY_RECIPE))
+
+    again, tokenizer2, cached = shakespeare_char(TINY_RECIPE, progress=False)
+    assert len(counted_training) == 1, "a cache hit must not train"
+    assert cached.from_cache and tokenizer2.chars == tokenizer.chars
+    idx = torch.tensor([tokenizer.encode("ROMEO:\nO, she")])
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], again(idx)[0])
+    assert cached.val_loss == report.val_loss and cached.train_seconds == report.train_seconds
+    assert cached.history == report.history
+
+
+def test_the_report_holds_the_recipe_the_exact_val_loss_and_the_time(counted_training):
+    model, tokenizer, report = shakespeare_char(TINY_RECIPE, progress=False)
+    _, _, val_ids = shakespeare_data()
+    assert report.recipe == asdict(TINY_RECIPE) and report.key == TINY_RECIPE.key()
+    assert report.val_loss == pytest.approx(evaluate_split(model, val_ids, TINY_RECIPE.block_size), rel=1e-6)
+    assert 0 < report.train_seconds < 600
+    assert report.steps == TINY_RECIPE.max_steps and report.tokens == TINY_RECIPE.tokens
+    assert report.parameters == model.num_parameters()
+    assert len(report.history["train_loss"]) == TINY_RECIPE.max_steps
+    assert report.history["eval_step"] == [2, 5]
+    assert math.log(64) - 1 < report.val_loss < math.log(64) + 0.5   # a few steps: near uniform
+    assert not model.training
+
+
+def test_retrain_trains_again_and_gives_the_same_weights(counted_training):
+    model, _, _ = shakespeare_char(TINY_RECIPE, progress=False)
+    again, _, report = shakespeare_char(TINY_RECIPE, retrain=True, progress=False)
+    assert len(counted_training) == 2 and not report.from_cache
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_a_changed_recipe_trains_a_new_model(counted_training):
+    shakespeare_char(TINY_RECIPE, progress=False)
+    other = replace(TINY_RECIPE, lr=2e-3)
+    _, _, report = shakespeare_char(other, progress=False)
+    assert len(counted_training) == 2 and report.recipe["lr"] == 2e-3
+    assert cache_path(other) != cache_path(TINY_RECIPE) and cache_path(other).exists()
+
+
+def test_a_damaged_cache_file_is_replaced(counted_training):
+    path = cache_path(TINY_RECIPE)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"not a safetensors file")
+    _, _, report = shakespeare_char(TINY_RECIPE, progress=False)
+    assert len(counted_training) == 1 and not report.from_cache
+    _, _, cached = shakespeare_char(TINY_RECIPE, progress=False)
+    assert len(counted_training) == 1 and cached.from_cache
+
+
+def test_the_callback_sees_each_evaluation(counted_training):
+    seen = []
+    shakespeare_char(TINY_RECIPE, retrain=True, progress=False,
+                     callback=lambda step, model, history: seen.append((step, len(history.val_loss))))
+    assert seen == [(2, 1), (5, 2)]
