@@ -62,7 +62,6 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator)
 
 
-@torch.no_grad()
 def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, greedy: bool = False, use_cache: bool = True,
              generator: torch.Generator | None = None) -> torch.Tensor:
@@ -83,6 +82,18 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
 
     was_training = model.training
     model.eval()
+    try:
+        # inference mode: no autograd bookkeeping at all, which matters when each step is small
+        with torch.inference_mode():
+            out = _extend(model, idx, max_new_tokens, temperature, top_k, top_p, greedy, use_cache,
+                          generator)
+    finally:
+        model.train(was_training)
+    out = out.clone()              # an ordinary tensor again, usable where autograd records
+    return out[0] if squeeze else out
+
+
+def _extend(model, idx, max_new_tokens, temperature, top_k, top_p, greedy, use_cache, generator):
     device = next(model.parameters()).device
     block_size = model.config.block_size
     out = torch.empty(idx.size(0), idx.size(1) + max_new_tokens, dtype=torch.long, device=device)
@@ -100,11 +111,12 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
         else:                                                  # no cache, or the window slides
             logits, _ = model(out[:, max(0, length - block_size): length])
         next_logits = logits[:, -1, :]
-        if generator is not None:
-            next_logits = next_logits.cpu()
-        token = sample_next(next_logits, temperature, top_k, top_p, greedy, generator)
-        out[:, length] = token.to(device)[:, 0]
+        if greedy:
+            out[:, length] = next_logits.argmax(dim=-1)
+        else:
+            if generator is not None:                          # a CPU generator draws on the CPU
+                next_logits = next_logits.cpu()
+            token = sample_next(next_logits, temperature, top_k, top_p, generator=generator)
+            out[:, length] = token[:, 0].to(device)
         length += 1
-
-    model.train(was_training)
-    return out[0] if squeeze else out
+    return out

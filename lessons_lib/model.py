@@ -118,7 +118,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        x = self.c_proj(self.gelu(self.c_fc(x)))
+        return self.dropout(x) if self.training else x      # in eval mode dropout does nothing
 
 
 # -----------------------------------------------------------------------------
@@ -329,7 +330,9 @@ class GPT(nn.Module):
             pos = self.wpe(T, start=start)
         else:
             pos = self.sinusoid[start:start + T]
-        x = self.drop(self.wte(idx) + pos)
+        x = self.wte(idx) + pos
+        if self.training:
+            x = self.drop(x)
         for i, block in enumerate(self.h):
             x = block(x, kv=kv_cache.layer(i) if kv_cache is not None else None)
         if kv_cache is not None:

@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -35,13 +35,14 @@ from . import assets
 from .data import load_shakespeare, train_val_split
 from .model import GPT, GPTConfig
 from .tokenizers import CharTokenizer
-from .train import TrainConfig, load_checkpoint, pick_device, save_checkpoint, train
+from .runtime import choose_device, choose_precision, runtime
+from .train import TrainConfig, load_checkpoint, save_checkpoint, train
 
 __all__ = ["Recipe", "RECIPES", "PretrainReport", "evaluate_split", "shakespeare_data",
            "train_shakespeare_char", "shakespeare_char", "cache_path", "models_dir"]
 
 # bump when the meaning of a recipe changes (data, model code) so old caches are not reused
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 # -----------------------------------------------------------------------------
@@ -105,10 +106,14 @@ def evaluate_split(model, ids: torch.Tensor, block_size: int | None = None, batc
 class Recipe:
     """Everything that decides the trained weights: the model's sizes and the training run.
 
-    The default is chapter 7's: 3 layers, 4 heads, 128 wide, 64-character windows; batches of 6
-    windows and a high learning rate (on a 2-core CPU small batches cost as much per token as
-    large ones, so they buy many more updates); 3% warmup then a cosine to a tenth;
-    bfloat16 autocast; a fixed number of steps, so the run is deterministic.
+    The default is chapter 7's: 3 layers, 4 heads, 128 wide, 64-character windows; batches of 8
+    windows and a high learning rate (on a 2-core CPU a large batch costs nearly as much per
+    token as a small one, so small batches buy many more updates); 3% warmup then a cosine to a
+    tenth; a fixed number of steps, so the run is deterministic.
+
+    ``precision`` "auto" lets :mod:`lessons_lib.runtime` choose: bfloat16 autocast where the
+    hardware computes it natively, float32 elsewhere. The two give slightly different weights,
+    so the precision that actually ran is part of the cache key (:meth:`resolved`).
     """
 
     n_layer: int = 3
@@ -116,18 +121,18 @@ class Recipe:
     n_embd: int = 128
     block_size: int = 64
     dropout: float = 0.0
-    batch_size: int = 6
-    max_steps: int = 4000
-    lr: float = 3e-3
-    warmup_steps: int = 120
+    batch_size: int = 8
+    max_steps: int = 1600
+    lr: float = 5e-3
+    warmup_steps: int = 48
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0
-    bf16: bool = True
+    precision: str = "auto"
     seed: int = 1337
-    eval_interval: int = 800
+    eval_interval: int = 400
     eval_batches: int = 20
 
     def __post_init__(self):
@@ -138,12 +143,18 @@ class Recipe:
         return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
                          n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout)
 
+    def resolved(self, device: str = "auto") -> "Recipe":
+        """This recipe with ``precision`` "auto" replaced by the runtime's choice on ``device``."""
+        if self.precision != "auto":
+            return self
+        return replace(self, precision=choose_precision(choose_device(device))[0])
+
     def train_config(self, device: str = "auto", progress: bool = True) -> TrainConfig:
         return TrainConfig(max_steps=self.max_steps, batch_size=self.batch_size, block_size=self.block_size,
                            lr=self.lr, min_lr_ratio=self.min_lr_ratio, warmup_steps=self.warmup_steps,
                            weight_decay=self.weight_decay, betas=(self.beta1, self.beta2),
                            grad_clip=self.grad_clip, eval_interval=self.eval_interval,
-                           eval_batches=self.eval_batches, bf16=self.bf16, seed=self.seed,
+                           eval_batches=self.eval_batches, precision=self.precision, seed=self.seed,
                            device=device, progress=progress)
 
     @property
@@ -151,18 +162,21 @@ class Recipe:
         """Training tokens the recipe reads: steps x batch x block."""
         return self.max_steps * self.batch_size * self.block_size
 
-    def key(self) -> str:
-        """A short hash of every field (and of the cache format): the cache file's name."""
-        text = json.dumps({"format": FORMAT_VERSION, "corpus": "shakespeare-char", **asdict(self)}, sort_keys=True)
+    def key(self, device: str = "auto") -> str:
+        """A short hash of every field, with the precision resolved (and of the cache format):
+        the cache file's name."""
+        fields = asdict(self.resolved(device))
+        text = json.dumps({"format": FORMAT_VERSION, "corpus": "shakespeare-char", **fields}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 RECIPES: dict[str, Recipe] = {
-    # chapter 7's run, the "one-minute model": about 50 s of training on a quiet 2-core CPU,
-    # validation loss about 1.71 (nanoGPT's CPU recipe: 1.89 in 112 s)
+    # chapter 7's run, the "one-minute model": 1,600 steps, about 50 s of training in float32 on
+    # a 2-core AVX2 CPU; exact validation loss about 1.83 (see benchmarks/vs_nanogpt.py)
     "1min": Recipe(),
-    # the "three-minute model": 4 layers, batches of 8, 9,000 steps; validation loss about 1.53
-    "3min": Recipe(n_layer=4, batch_size=8, max_steps=9000, warmup_steps=270, eval_interval=1500),
+    # a longer run: 4 layers, 9,000 steps at lr 3e-3 (about 3 minutes where bfloat16 is native,
+    # about 6 in float32 on an AVX2 CPU); validation loss about 1.53
+    "3min": Recipe(n_layer=4, max_steps=9000, lr=3e-3, warmup_steps=270, eval_interval=1500),
 }
 
 
@@ -173,7 +187,7 @@ RECIPES: dict[str, Recipe] = {
 class PretrainReport:
     """What a pre-trained model is and how well it does."""
 
-    recipe: dict                     # the Recipe's fields
+    recipe: dict                     # the Recipe's fields, precision resolved
     key: str                         # the recipe's hash (the cache file's name)
     val_loss: float                  # evaluate_split on the whole val split
     train_seconds: float             # wall time of training: the steps and the periodic evaluations
@@ -183,6 +197,10 @@ class PretrainReport:
     parameters: int
     history: dict = field(default_factory=dict)   # the training History as lists
     device: str = "cpu"
+    precision: str = "fp32"          # what training ran in: "fp32" or "bf16"
+    precision_reason: str = ""       # why (lessons_lib.runtime.choose_precision)
+    cpu: str = ""                    # the CPU's model name
+    threads: int = 0                 # PyTorch threads during training
     torch_version: str = ""
     from_cache: bool = False
     path: str = ""
@@ -220,10 +238,11 @@ def models_dir() -> Path:
     return assets.cache_dir() / "pretrained"
 
 
-def cache_path(recipe: Recipe | str | None = None) -> Path:
-    """Where the model for ``recipe`` is (or will be) cached."""
+def cache_path(recipe: Recipe | str | None = None, device: str = "auto") -> Path:
+    """Where the model for ``recipe`` (trained on ``device``, in the precision chosen there) is
+    or will be cached."""
     recipe = _as_recipe(recipe)
-    return models_dir() / f"shakespeare_char-{recipe.key()}.safetensors"
+    return models_dir() / f"shakespeare_char-{recipe.key(device)}.safetensors"
 
 
 def train_shakespeare_char(recipe: Recipe | str | None = None, callback=None, progress: bool = True,
@@ -234,6 +253,8 @@ def train_shakespeare_char(recipe: Recipe | str | None = None, callback=None, pr
     :func:`lessons_lib.train.train`. The model comes back in eval mode.
     """
     recipe = _as_recipe(recipe)
+    rt = runtime(device, None if recipe.precision == "auto" else recipe.precision)
+    recipe = replace(recipe, precision=rt.precision)
     tokenizer, train_ids, val_ids = shakespeare_data()
     torch.manual_seed(recipe.seed)
     model = GPT(recipe.model_config(tokenizer.vocab_size))
@@ -245,15 +266,16 @@ def train_shakespeare_char(recipe: Recipe | str | None = None, callback=None, pr
         in_callback[0] += time.perf_counter() - t
 
     start = time.perf_counter()
-    history = train(model, (train_ids, val_ids), recipe.train_config(device, progress),
+    history = train(model, (train_ids, val_ids), recipe.train_config(rt.device, progress),
                     callback=timed_callback if callback is not None else None)
     seconds = time.perf_counter() - start - in_callback[0]
     model.eval()
-    report = PretrainReport(recipe=asdict(recipe), key=recipe.key(),
+    report = PretrainReport(recipe=asdict(recipe), key=recipe.key(rt.device),
                             val_loss=evaluate_split(model, val_ids, recipe.block_size),
                             train_seconds=seconds, steps=len(history.step), tokens=history.tokens,
                             parameters=model.num_parameters(), history=asdict(history),
-                            device=str(pick_device(device)), torch_version=torch.__version__)
+                            device=rt.device, precision=history.precision, precision_reason=rt.reason,
+                            cpu=rt.cpu, threads=rt.threads, torch_version=torch.__version__)
     return model, tokenizer, report
 
 
@@ -274,7 +296,7 @@ def _load(recipe: Recipe, path: Path, device: str):
     if info.get("recipe") != asdict(recipe):
         raise ValueError(f"{path} holds a model for another recipe")
     report = PretrainReport(**info, from_cache=True, path=str(path))
-    return model.to(pick_device(device)).eval(), tokenizer, report
+    return model.to(choose_device(device)).eval(), tokenizer, report
 
 
 def shakespeare_char(recipe: Recipe | str | None = None, *, retrain: bool = False, callback=None,
@@ -285,13 +307,14 @@ def shakespeare_char(recipe: Recipe | str | None = None, *, retrain: bool = Fals
     and caches it; later calls load it from the cache without training (``report.from_cache``
     is then True and ``report.train_seconds`` is the original run's time). ``retrain=True``
     trains anyway and replaces the cached file, as chapter 7 does so that its curves are live.
-    ``recipe`` may also be the name of one of :data:`RECIPES` ("1min", "3min").
+    ``recipe`` may also be the name of one of :data:`RECIPES` ("1min", "3min"). A model trained
+    in bfloat16 and one trained in float32 are cached apart (see :meth:`Recipe.resolved`).
     """
     recipe = _as_recipe(recipe)
-    path = cache_path(recipe)
+    path = cache_path(recipe, device)
     if path.exists() and not retrain:
         try:
-            return _load(recipe, path, device)
+            return _load(recipe.resolved(device), path, device)
         except (ValueError, KeyError, TypeError, OSError, SafetensorError):
             pass                             # a damaged or foreign file: train again
     model, tokenizer, report = train_shakespeare_char(recipe, callback=callback, progress=progress,

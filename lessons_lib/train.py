@@ -15,7 +15,6 @@ Checkpoints are safetensors files: :func:`save_checkpoint` / :func:`load_checkpo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -23,10 +22,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from .data import get_batch
+from .runtime import autocast, choose_device, choose_precision
 
 
 @dataclass
@@ -42,7 +41,7 @@ class TrainConfig:
     grad_clip: float = 1.0           # max gradient norm; 0 turns clipping off
     eval_interval: int = 250         # evaluate every this many steps (and at the end)
     eval_batches: int = 10           # fixed validation batches per evaluation
-    bf16: bool = False               # bfloat16 autocast (CPU or CUDA)
+    precision: str = "fp32"          # "fp32", "bf16" (autocast) or "auto": lessons_lib.runtime decides
     seed: int = 1337
     device: str = "auto"             # "auto": CUDA if available, else CPU (MPS only if asked)
     progress: bool = True
@@ -58,6 +57,8 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise ValueError(f"TrainConfig.precision must be 'fp32', 'bf16' or 'auto', got {self.precision!r}")
 
 
 @dataclass
@@ -70,13 +71,20 @@ class History:
     eval_train_loss: list[float] = field(default_factory=list)
     seconds: float = 0.0                                     # wall time of the training steps
     tokens: int = 0                                          # training tokens seen
+    precision: str = ""                                      # what the steps ran in: "fp32" or "bf16"
 
 
 def pick_device(device: str = "auto") -> torch.device:
-    """CUDA when available, else CPU. Apple's MPS only when asked for by name."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """CUDA when available, else CPU. Apple's MPS only when asked for by name
+    (:func:`lessons_lib.runtime.choose_device`)."""
+    return choose_device(device)
+
+
+def resolve_precision(config: TrainConfig, device: torch.device) -> str:
+    """``config.precision``, with "auto" replaced by what :mod:`lessons_lib.runtime` chooses."""
+    if config.precision == "auto":
+        return choose_precision(device)[0]
+    return config.precision
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -117,27 +125,15 @@ def _batch_function(data, config: TrainConfig, device):
     return batch_fn
 
 
-def _autocast(device: torch.device, enabled: bool):
-    """bfloat16 autocast, or nothing. On a CPU it also picks PyTorch's plain ("math") attention
-    kernel: in bfloat16 the fused flash kernel's backward pass is 2.5-4x slower there (torch
-    2.13, 64-token windows, measured), which made a whole training step about 20% slower."""
-    if not enabled:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(device_type=device.type, dtype=torch.bfloat16))
-    if device.type == "cpu":
-        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-    return stack
-
-
 @torch.no_grad()
-def evaluate(model, batches, device, bf16: bool = False) -> float:
-    """Mean loss over a fixed list of (inputs, targets) batches, in eval mode."""
+def evaluate(model, batches, device, precision: str = "fp32") -> float:
+    """Mean loss over a fixed list of (inputs, targets) batches, in eval mode, in ``precision``
+    ("fp32" or "bf16")."""
     was_training = model.training
     model.eval()
     losses = []
     for x, y in batches:
-        with _autocast(device, bf16):
+        with autocast(device, precision):
             _, loss = model(x.to(device), y.to(device))
         losses.append(loss.float().item())
     model.train(was_training)
@@ -153,6 +149,7 @@ def train(model: torch.nn.Module, data, config: TrainConfig | None = None, histo
     """
     config = config or TrainConfig()
     device = pick_device(config.device)
+    precision = resolve_precision(config, device)
     model.to(device).train()
     batch_fn = _batch_function(data, config, device)
     torch.manual_seed(config.seed)
@@ -162,6 +159,7 @@ def train(model: torch.nn.Module, data, config: TrainConfig | None = None, histo
     train_eval_batches = [batch_fn("train", eval_gen) for _ in range(config.eval_batches)]
     optimizer = make_optimizer(model, config)
     history = history or History()
+    history.precision = precision
     first_step = history.step[-1] + 1 if history.step else 0
 
     # redraw at most once a second: in Jupyter each redraw is a message to the front end
@@ -173,7 +171,7 @@ def train(model: torch.nn.Module, data, config: TrainConfig | None = None, histo
         for group in optimizer.param_groups:
             group["lr"] = lr
         x, y = batch_fn("train", train_gen)
-        with _autocast(device, config.bf16):
+        with autocast(device, precision):
             _, loss = model(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -191,8 +189,8 @@ def train(model: torch.nn.Module, data, config: TrainConfig | None = None, histo
         if (i + 1) % config.eval_interval == 0 or i + 1 == config.max_steps:
             history.seconds += time.perf_counter() - start
             history.eval_step.append(first_step + i)
-            history.val_loss.append(evaluate(model, val_batches, device, config.bf16))
-            history.eval_train_loss.append(evaluate(model, train_eval_batches, device, config.bf16))
+            history.val_loss.append(evaluate(model, val_batches, device, precision))
+            history.eval_train_loss.append(evaluate(model, train_eval_batches, device, precision))
             bar.set_postfix(train=f"{history.eval_train_loss[-1]:.3f}", val=f"{history.val_loss[-1]:.3f}",
                             refresh=False)
             if callback is not None:

@@ -16,7 +16,7 @@ from lessons_lib.pretrained import (RECIPES, Recipe, cache_path, evaluate_split,
 
 TINY_MODEL = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16)
 TINY_RECIPE = Recipe(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_steps=6,
-                     warmup_steps=1, eval_interval=3, eval_batches=1, bf16=False)
+                     warmup_steps=1, eval_interval=3, eval_batches=1, precision="fp32")
 
 
 def tiny_model(seed=0):
@@ -109,9 +109,23 @@ def test_every_field_of_the_recipe_is_in_the_key():
         changed = (not value) if isinstance(value, bool) else value * 2 if f.name != "dropout" else 0.1
         if f.name in ("warmup_steps",):
             changed = value + 1
+        if f.name == "precision":          # "auto" resolves to one of the two: ask for the other
+            changed = "fp32" if base.resolved().precision == "bf16" else "bf16"
         keys.add(replace(base, **{f.name: changed}).key())
     assert len(keys) == len(fields(Recipe)) + 1
     assert Recipe().key() == base.key() and len(base.key()) == 16
+
+
+def test_the_key_holds_the_precision_that_runs(monkeypatch):
+    auto = Recipe()
+    assert auto.precision == "auto" and auto.resolved().precision in ("fp32", "bf16")
+    monkeypatch.setenv("LESSONS_LIB_PRECISION", "fp32")
+    assert auto.key() == replace(auto, precision="fp32").key() != replace(auto, precision="bf16").key()
+    monkeypatch.setenv("LESSONS_LIB_PRECISION", "bf16")
+    assert auto.key() == replace(auto, precision="bf16").key()
+    assert cache_path(auto) == cache_path(replace(auto, precision="bf16"))
+    with pytest.raises(ValueError, match="precision"):
+        Recipe(precision="fp16")
 
 
 def test_recipe_checks_its_numbers_and_the_named_recipes_exist():
@@ -168,6 +182,8 @@ def test_the_report_holds_the_recipe_the_exact_val_loss_and_the_time(counted_tra
     model, tokenizer, report = shakespeare_char(TINY_RECIPE, progress=False)
     _, _, val_ids = shakespeare_data()
     assert report.recipe == asdict(TINY_RECIPE) and report.key == TINY_RECIPE.key()
+    assert report.precision == "fp32" and report.history["precision"] == "fp32"
+    assert report.threads == torch.get_num_threads() and report.cpu
     assert report.val_loss == pytest.approx(evaluate_split(model, val_ids, TINY_RECIPE.block_size), rel=1e-6)
     assert 0 < report.train_seconds < 600
     assert report.steps == TINY_RECIPE.max_steps and report.tokens == TINY_RECIPE.tokens
@@ -209,3 +225,16 @@ def test_the_callback_sees_each_evaluation(counted_training):
     shakespeare_char(TINY_RECIPE, retrain=True, progress=False,
                      callback=lambda step, model, history: seen.append((step, len(history.val_loss))))
     assert seen == [(2, 1), (5, 2)]
+
+
+@pytest.mark.parametrize("forced", ["fp32", "bf16"])
+def test_the_override_decides_what_an_auto_recipe_trains_in(counted_training, monkeypatch, forced):
+    monkeypatch.setenv("LESSONS_LIB_PRECISION", forced)
+    auto = replace(TINY_RECIPE, precision="auto")
+    model, _, report = shakespeare_char(auto, progress=False)
+    assert report.precision == forced and report.history["precision"] == forced
+    assert report.recipe["precision"] == forced and "LESSONS_LIB_PRECISION" in report.precision_reason
+    assert cache_path(auto) == cache_path(replace(auto, precision=forced))
+    _, _, cached = shakespeare_char(auto, progress=False)
+    assert cached.from_cache and cached.precision == forced and len(counted_training) == 1
+    assert math.log(64) - 1 < report.val_loss < math.log(64) + 0.5

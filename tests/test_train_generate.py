@@ -54,7 +54,7 @@ def test_one_step_reduces_the_loss_on_a_fixed_batch():
 
 def test_bf16_autocast_trains_on_cpu():
     cfg = TrainConfig(max_steps=20, batch_size=4, block_size=16, lr=3e-3, warmup_steps=2,
-                      eval_interval=20, eval_batches=1, bf16=True, progress=False)
+                      eval_interval=20, eval_batches=1, precision="bf16", progress=False)
     h = train(tiny_model(), repeating_data(), cfg)
     assert h.val_loss[-1] < math.log(23)
 
@@ -156,5 +156,5 @@ def test_bf16_evaluation_is_close_to_fp32():
     g = torch.Generator().manual_seed(5)
     batches = [(torch.randint(23, (4, 16), generator=g), torch.randint(23, (4, 16), generator=g)) for _ in range(3)]
     fp32 = evaluate(model, batches, torch.device("cpu"))
-    bf16 = evaluate(model, batches, torch.device("cpu"), bf16=True)
+    bf16 = evaluate(model, batches, torch.device("cpu"), "bf16")
     assert abs(fp32 - bf16) < 0.02 and abs(fp32 - math.log(23)) < 0.2

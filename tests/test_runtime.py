@@ -1,0 +1,166 @@
+"""lessons_lib.runtime: the device, the precision and the threads, decided in one place."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lessons_lib import runtime as rt
+from lessons_lib.runtime import (autocast, choose_device, choose_precision, cpu_flags, cpu_has_native_bf16,
+                                 cpu_model, one_thread, runtime, use_threads)
+
+# Abridged /proc/cpuinfo of the two kinds of machine the course runs on.
+AVX2_ONLY = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC
+flags\t\t: fpu vme sse sse2 ssse3 fma sse4_1 sse4_2 avx f16c avx2 bmi2 sha_ni vaes
+"""
+SAPPHIRE_RAPIDS = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse sse2 avx avx2 avx512f avx512bw avx512_bf16 amx_bf16 amx_tile amx_int8
+"""
+COOPER_LAKE = "model name\t: Intel(R) Xeon(R) Cooper Lake\nflags\t\t: avx2 avx512f avx512_bf16\n"
+ARM = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics\n"
+
+
+def test_flags_and_model_are_read_from_cpuinfo():
+    assert "avx2" in cpu_flags(AVX2_ONLY) and "avx512_bf16" not in cpu_flags(AVX2_ONLY)
+    assert {"avx512_bf16", "amx_bf16"} <= cpu_flags(SAPPHIRE_RAPIDS)
+    assert "asimd" in cpu_flags(ARM)
+    assert cpu_flags("no flags here") is None
+    assert cpu_model(AVX2_ONLY) == "AMD EPYC"
+    assert cpu_model(SAPPHIRE_RAPIDS) == "Intel(R) Xeon(R) Platinum 8480+"
+
+
+@pytest.mark.parametrize("cpuinfo, native", [(AVX2_ONLY, False), (SAPPHIRE_RAPIDS, True),
+                                             (COOPER_LAKE, True), (ARM, False)])
+def test_native_bf16_follows_the_flags(cpuinfo, native):
+    flags = cpu_flags(cpuinfo)
+    assert cpu_has_native_bf16(flags) is native
+    precision, reason = choose_precision("cpu", flags=flags, environ={})
+    assert precision == ("bf16" if native else "fp32")
+    assert ("no native" in reason) is not native and ("natively" in reason) is native
+
+
+def test_without_cpuinfo_pytorchs_probe_decides(monkeypatch):
+    monkeypatch.setattr(rt, "CPUINFO", rt.Path("/nonexistent/cpuinfo"))
+    assert cpu_flags() is None
+    monkeypatch.setattr(rt, "_torch_probe", lambda: True)
+    assert cpu_has_native_bf16() is True
+    monkeypatch.setattr(rt, "_torch_probe", lambda: False)
+    assert cpu_has_native_bf16() is False
+
+
+def test_the_probe_agrees_with_this_machines_flags():
+    flags = cpu_flags()
+    if flags is None:
+        pytest.skip("no /proc/cpuinfo here")
+    assert cpu_has_native_bf16(flags) == rt._torch_probe()
+
+
+@pytest.mark.parametrize("value, expected", [("fp32", "fp32"), ("bf16", "bf16"), ("BF16", "bf16"),
+                                             (" fp32 ", "fp32")])
+def test_the_environment_variable_overrides_the_flags(value, expected):
+    for cpuinfo in (AVX2_ONLY, SAPPHIRE_RAPIDS):
+        precision, reason = choose_precision("cpu", flags=cpu_flags(cpuinfo),
+                                             environ={"LESSONS_LIB_PRECISION": value})
+        assert precision == expected and "LESSONS_LIB_PRECISION" in reason
+
+
+def test_auto_or_empty_in_the_environment_means_the_flags_decide():
+    for value in ("auto", "", "AUTO"):
+        env = {"LESSONS_LIB_PRECISION": value}
+        assert choose_precision("cpu", flags=cpu_flags(AVX2_ONLY), environ=env)[0] == "fp32"
+        assert choose_precision("cpu", flags=cpu_flags(SAPPHIRE_RAPIDS), environ=env)[0] == "bf16"
+
+
+def test_an_explicit_request_beats_the_environment():
+    env = {"LESSONS_LIB_PRECISION": "bf16"}
+    assert choose_precision("cpu", "fp32", flags=cpu_flags(SAPPHIRE_RAPIDS), environ=env) == ("fp32", "asked for fp32")
+
+
+def test_bad_values_are_refused_with_what_was_expected():
+    with pytest.raises(ValueError, match="LESSONS_LIB_PRECISION must be one of 'fp32', 'bf16' or 'auto'"):
+        choose_precision("cpu", environ={"LESSONS_LIB_PRECISION": "fp16"})
+    with pytest.raises(ValueError, match="precision must be one of"):
+        choose_precision("cpu", "half", environ={})
+    with pytest.raises(ValueError, match="unknown device"):
+        choose_device("tpu9")
+    with pytest.raises(ValueError, match="device must be"):
+        choose_device(3)
+    with pytest.raises(ValueError, match="resolve 'auto' first"):
+        autocast("cpu", "auto")
+    with pytest.raises(ValueError, match="thread count"):
+        use_threads(0).__enter__()
+
+
+def test_mps_is_never_bf16_and_never_chosen_unasked(monkeypatch):
+    assert choose_precision(torch.device("mps"), environ={})[0] == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_device("auto") == torch.device("cpu")
+    assert choose_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_cuda_follows_its_bf16_support(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert choose_device() == torch.device("cuda")
+    assert choose_precision("auto", environ={})[0] == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert choose_precision("cuda", environ={})[0] == "fp32"
+
+
+def test_runtime_describes_this_machine(monkeypatch):
+    monkeypatch.delenv("LESSONS_LIB_PRECISION", raising=False)
+    r = runtime("cpu")
+    assert r.device == "cpu" and r.precision == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert r.threads == torch.get_num_threads() and r.cpu and r.capability
+    assert r.precision in r.describe() and r.reason in r.describe()
+    monkeypatch.setenv("LESSONS_LIB_PRECISION", "bf16")
+    assert runtime("cpu").bf16
+
+
+def test_autocast_computes_matmuls_in_the_chosen_precision():
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    with autocast("cpu", "bf16"):
+        assert (a @ b).dtype == torch.bfloat16
+    with autocast("cpu", "fp32"):
+        assert (a @ b).dtype == torch.float32
+    with runtime("cpu", "fp32").autocast():
+        assert (a @ b).dtype == torch.float32
+
+
+def test_thread_contexts_restore_the_count():
+    before = torch.get_num_threads()
+    with one_thread():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with use_threads(2):
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == before
+
+
+def test_time_interleaved_runs_each_function_in_rounds_and_reports_the_best():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    result = rt.time_interleaved(fns, repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4                      # warmup round, then 3 interleaved rounds
+    assert set(result) == {"a", "b", "spread"} and result["a"] > 0 and result["spread"]["b"] >= 1
+
+
+def test_time_interleaved_sees_which_is_slower():
+    import time
+    result = rt.time_interleaved({"fast": lambda: None, "slow": lambda: time.sleep(0.01)}, repeats=3)
+    assert result["slow"] >= 0.01 > result["fast"]
+
+
+def test_time_interleaved_refuses_bad_input():
+    with pytest.raises(ValueError, match="non-empty dict"):
+        rt.time_interleaved({})
+    with pytest.raises(ValueError, match="non-empty dict"):
+        rt.time_interleaved({"a": 3})
+    with pytest.raises(ValueError, match="repeats"):
+        rt.time_interleaved({"a": lambda: None}, repeats=0)
+    with pytest.raises(ValueError, match="spread"):
+        rt.time_interleaved({"spread": lambda: None})
