@@ -23,9 +23,10 @@ loss in float32) only where the hardware computes bfloat16 natively, else ``"fp3
 The environment variable ``LESSONS_LIB_PRECISION`` (``fp32``, ``bf16`` or ``auto``, the
 default) overrides the choice, e.g. to measure both paths on one machine.
 
-**Threads.** Training uses PyTorch's default, one thread per core. Timings that the chapters
-compare use one thread (:func:`one_thread`): it measures the work itself, and a second program
-busy on the machine disturbs it far less than a team of threads that wait for each other.
+**Threads.** Training uses PyTorch's default, one thread per core, except for small models
+(:func:`threads_for`), which train on one. Timings that the chapters compare use one thread
+(:func:`one_thread`): it measures the work itself, and a second program busy on the machine
+disturbs it far less than a team of threads that wait for each other.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch
 
 __all__ = ["PRECISIONS", "ENV_VAR", "cpu_flags", "cpu_model", "cpu_has_native_bf16",
            "choose_device", "choose_precision", "Runtime", "runtime", "autocast", "one_thread",
-           "use_threads", "time_interleaved"]
+           "use_threads", "threads_for", "time_interleaved"]
 
 PRECISIONS = ("fp32", "bf16")
 ENV_VAR = "LESSONS_LIB_PRECISION"
@@ -215,6 +216,23 @@ def autocast(device: str | torch.device, precision: str):
     if device.type == "cpu":
         stack.enter_context(sdpa_kernel(SDPBackend.MATH))
     return stack
+
+
+SMALL_MODEL_PARAMETERS = 250_000
+
+
+def threads_for(n_parameters: int) -> int:
+    """The thread count to train a model of ``n_parameters`` with: one below
+    :data:`SMALL_MODEL_PARAMETERS` (its matrix products are too small to share out: a second
+    thread gains little, and on a busy machine threads that wait for each other can slow
+    training down several times over), else PyTorch's default of one per core."""
+    if isinstance(n_parameters, bool) or not isinstance(n_parameters, int) or n_parameters < 1:
+        raise ValueError(f"n_parameters must be a positive int, got {n_parameters!r}")
+    return 1 if n_parameters < SMALL_MODEL_PARAMETERS else _default_threads()
+
+
+def _default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 @contextlib.contextmanager

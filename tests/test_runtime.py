@@ -164,3 +164,12 @@ def test_time_interleaved_refuses_bad_input():
         rt.time_interleaved({"a": lambda: None}, repeats=0)
     with pytest.raises(ValueError, match="spread"):
         rt.time_interleaved({"spread": lambda: None})
+
+
+def test_small_models_train_on_one_thread():
+    assert rt.threads_for(100_000) == 1
+    assert rt.threads_for(10_000_000) >= 1
+    assert rt.threads_for(rt.SMALL_MODEL_PARAMETERS) == rt._default_threads()
+    for bad in (0, -5, 2.5, True, "many"):
+        with pytest.raises(ValueError, match="n_parameters"):
+            rt.threads_for(bad)
