@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from numbers import Real
 
 import numpy as np
@@ -30,6 +31,7 @@ from scipy.optimize import least_squares, minimize_scalar
 from tqdm.auto import tqdm
 
 from .model import GPT, GPTConfig, count_parameters
+from .runtime import choose_device
 from .train import TrainConfig, train
 
 __all__ = ["params", "non_embedding_params", "train_flops", "KAPLAN_2020", "CHINCHILLA_2022",
@@ -131,10 +133,61 @@ def _data_key(data):
     return ("object", id(data))
 
 
+def _train_run(config: GPTConfig, steps: int, rate: float, settings: dict, data) -> dict:
+    """One run of a sweep: a fresh GPT trained for ``steps`` steps; its row of the table."""
+    train_config = TrainConfig(max_steps=steps, lr=rate, warmup_steps=round(settings["warmup_fraction"] * steps),
+                               eval_interval=steps, progress=False,
+                               **{k: v for k, v in settings.items() if k != "warmup_fraction"})
+    torch.manual_seed(train_config.seed)
+    model = GPT(config)
+    history = train(model, data, train_config)
+    return {"n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
+            "N": non_embedding_params(config), "params": params(config), "D": history.tokens,
+            "C": train_flops(config, history.tokens),
+            "C_all": train_flops(config, history.tokens, embeddings=True), "steps": steps, "lr": rate,
+            "train_loss": history.eval_train_loss[-1], "val_loss": history.val_loss[-1],
+            "seconds": history.seconds}
+
+
+_pools: dict = {}
+
+
+def _worker_start() -> None:
+    torch.set_num_threads(1)          # one process per core, one thread per process
+
+
+def _pool(workers: int):
+    """A pool of ``workers`` processes, started once and reused by later sweeps."""
+    if workers not in _pools:
+        import atexit
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # "spawn": a fresh interpreter, safe beside PyTorch's threads and inside Jupyter
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_worker_start)
+        atexit.register(pool.shutdown, cancel_futures=True)
+        _pools[workers] = pool
+    return _pools[workers]
+
+
+def _resolve_workers(workers, data, device) -> int:
+    if workers == "auto":
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive int or 'auto', got {workers!r}")
+    if workers > 1 and callable(data):
+        raise ValueError("workers > 1 needs data as (train_ids, val_ids) tensors: a batch function "
+                         "cannot be sent to other processes")
+    if choose_device(device).type != "cpu":
+        return 1                      # one GPU: the runs take turns on it
+    return workers
+
+
 def sweep(configs, tokens, data, *, batch_size: int = 32, block_size: int = 64, lr=3e-3,
           warmup_fraction: float = 0.1, min_lr_ratio: float = 0.1, eval_batches: int = 20,
           seed: int = 0, device: str = "auto", progress: bool = True, desc: str = "sweep",
-          cache: dict | None = None) -> list[dict]:
+          cache: dict | None = None, workers: int | str = 1) -> list[dict]:
     """Train one fresh ``GPT`` per configuration and return a table, one dict per run.
 
     ``tokens`` is the training budget: one number for every run, or a list with one per
@@ -154,6 +207,10 @@ def sweep(configs, tokens, data, *, batch_size: int = 32, block_size: int = 64, 
     ``cache``, a dict you keep between calls, remembers finished runs: a later sweep that asks for
     the same configuration, number of steps, settings and data gets the stored row instead of
     training again (an IsoFLOP sweep can reuse a point of a size sweep).
+
+    ``workers``: the runs are independent, so on a CPU they can train side by side, each in its
+    own process on one thread (``"auto"``: one process per core). A run gives the same numbers in
+    a worker as in this process on one thread; only ``seconds`` depends on what else runs.
     """
     configs = list(configs) if isinstance(configs, (list, tuple)) else configs
     if not isinstance(configs, list) or not configs:
@@ -178,34 +235,46 @@ def sweep(configs, tokens, data, *, batch_size: int = 32, block_size: int = 64, 
     rates = [_positive_number("lr", r) for r in rates]
     if not 0.0 <= warmup_fraction < 1.0:
         raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
+    workers = _resolve_workers(workers, data, device)
 
+    settings = dict(batch_size=batch_size, block_size=block_size, min_lr_ratio=min_lr_ratio,
+                    warmup_fraction=warmup_fraction, eval_batches=eval_batches, seed=seed, device=device)
     data_key = _data_key(data) if cache is not None else None
-    rows = []
-    bar = tqdm(list(zip(configs, budgets, rates)), desc=desc, disable=not progress)
-    for config, budget, rate in bar:
+    rows: list[dict | None] = [None] * len(configs)
+    todo = {}                                       # key -> (config, steps, rate, [row indices])
+    for i, (config, budget, rate) in enumerate(zip(configs, budgets, rates)):
         steps = max(1, round(budget / (batch_size * block_size)))
         key = (repr(config), steps, batch_size, block_size, rate, warmup_fraction, min_lr_ratio,
                eval_batches, seed, str(device), data_key)
         if cache is not None and key in cache:
-            rows.append(dict(cache[key]))
-            continue
-        train_config = TrainConfig(max_steps=steps, batch_size=batch_size, block_size=block_size, lr=rate,
-                                   min_lr_ratio=min_lr_ratio, warmup_steps=round(warmup_fraction * steps),
-                                   eval_interval=steps, eval_batches=eval_batches, seed=seed,
-                                   device=device, progress=False)
-        torch.manual_seed(seed)
-        model = GPT(config)
-        history = train(model, data, train_config)
-        N = non_embedding_params(config)
-        rows.append({"n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
-                     "N": N, "params": params(config), "D": history.tokens,
-                     "C": train_flops(config, history.tokens),
-                     "C_all": train_flops(config, history.tokens, embeddings=True), "steps": steps, "lr": rate,
-                     "train_loss": history.eval_train_loss[-1], "val_loss": history.val_loss[-1],
-                     "seconds": history.seconds})
+            rows[i] = dict(cache[key])
+        else:
+            todo.setdefault(key, (config, steps, rate, []))[3].append(i)
+
+    bar = tqdm(total=len(configs), initial=len(configs) - sum(len(j[3]) for j in todo.values()),
+               desc=desc, disable=not progress)
+
+    def finish(key, row):
+        for i in todo[key][3]:
+            rows[i] = dict(row)
         if cache is not None:
-            cache[key] = dict(rows[-1])
-        bar.set_postfix(N=f"{N:,}", D=f"{history.tokens:,}", val=f"{history.val_loss[-1]:.3f}")
+            cache[key] = dict(row)
+        bar.update(len(todo[key][3]))
+        bar.set_postfix(N=f"{row['N']:,}", D=f"{row['D']:,}", val=f"{row['val_loss']:.3f}")
+
+    if workers > 1 and len(todo) > 1:
+        from concurrent.futures import as_completed
+
+        pool = _pool(workers)
+        # the longest runs first, so that the last one to finish is short
+        order = sorted(todo, key=lambda k: -todo[k][1] * params(todo[k][0]))
+        futures = {pool.submit(_train_run, todo[k][0], todo[k][1], todo[k][2], settings, data): k
+                   for k in order}
+        for future in as_completed(futures):
+            finish(futures[future], future.result())
+    else:
+        for key, (config, steps, rate, _) in todo.items():
+            finish(key, _train_run(config, steps, rate, settings, data))
     bar.close()
     return rows
 

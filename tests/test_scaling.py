@@ -255,6 +255,29 @@ def test_sweep_cache_reuses_runs_but_never_across_data(one_thread):
     assert len(cache) == 4                                      # new data, new run
 
 
+def test_sweep_in_worker_processes_gives_the_same_table(one_thread):
+    kwargs = dict(batch_size=4, block_size=16, lr=1e-2, eval_batches=2, progress=False)
+    configs = SMALL + SMALL[:1]                                  # a repeated run is trained once
+    alone = sweep(configs, [640, 640, 640], pattern_data(), **kwargs)
+    cache = {}
+    side_by_side = sweep(configs, [640, 640, 640], pattern_data(), workers=2, cache=cache, **kwargs)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert strip(side_by_side) == strip(alone) and len(cache) == 2
+    assert side_by_side[0] == side_by_side[2]
+
+
+def test_sweep_workers_errors():
+    kwargs = dict(batch_size=4, block_size=16, lr=1e-2, eval_batches=2, progress=False)
+    with pytest.raises(ValueError, match="workers must be"):
+        sweep(SMALL, 640, pattern_data(), workers=0, **kwargs)
+    with pytest.raises(ValueError, match="workers must be"):
+        sweep(SMALL, 640, pattern_data(), workers="many", **kwargs)
+    train_ids, val_ids = pattern_data()
+    batch_fn = lambda split, g: (train_ids[:16][None], train_ids[1:17][None])  # noqa: E731
+    with pytest.raises(ValueError, match="batch function"):
+        sweep(SMALL, 640, batch_fn, workers=2, **kwargs)
+
+
 # -- errors --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("x, loss, match", [
