@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .data import get_batch
-from .runtime import autocast, choose_device, choose_precision
+from .runtime import autocast, choose_device, choose_precision, threads_for, use_threads
 
 
 @dataclass
@@ -42,6 +42,7 @@ class TrainConfig:
     eval_interval: int = 250         # evaluate every this many steps (and at the end)
     eval_batches: int = 10           # fixed validation batches per evaluation
     precision: str = "fp32"          # "fp32", "bf16" (autocast) or "auto": lessons_lib.runtime decides
+    threads: int | None = None       # CPU threads while training; None: runtime.threads_for(model size)
     seed: int = 1337
     device: str = "auto"             # "auto": CUDA if available, else CPU (MPS only if asked)
     progress: bool = True
@@ -57,6 +58,9 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"TrainConfig.threads must be a positive int or None, got {self.threads!r}")
         if self.precision not in ("fp32", "bf16", "auto"):
             raise ValueError(f"TrainConfig.precision must be 'fp32', 'bf16' or 'auto', got {self.precision!r}")
 
@@ -157,9 +161,18 @@ def train(model: torch.nn.Module, data, config: TrainConfig | None = None, histo
     eval_gen = torch.Generator().manual_seed(config.seed + 1)
     val_batches = [batch_fn("val", eval_gen) for _ in range(config.eval_batches)]
     train_eval_batches = [batch_fn("train", eval_gen) for _ in range(config.eval_batches)]
-    optimizer = make_optimizer(model, config)
     history = history or History()
     history.precision = precision
+    threads = config.threads or threads_for(max(1, sum(p.numel() for p in model.parameters())))
+    with use_threads(threads):
+        _train_loop(model, config, device, precision, batch_fn, train_gen, val_batches, train_eval_batches,
+                    history, callback)
+    return history
+
+
+def _train_loop(model, config, device, precision, batch_fn, train_gen, val_batches, train_eval_batches,
+                history, callback) -> None:
+    optimizer = make_optimizer(model, config)
     first_step = history.step[-1] + 1 if history.step else 0
 
     # redraw at most once a second: in Jupyter each redraw is a message to the front end
@@ -199,7 +212,6 @@ def train(model: torch.nn.Module, data, config: TrainConfig | None = None, histo
         elif i % 10 == 0:
             bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
     bar.close()
-    return history
 
 
 def save_checkpoint(model: torch.nn.Module, path, metadata: dict | None = None) -> None:

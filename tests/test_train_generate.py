@@ -158,3 +158,22 @@ def test_bf16_evaluation_is_close_to_fp32():
     fp32 = evaluate(model, batches, torch.device("cpu"))
     bf16 = evaluate(model, batches, torch.device("cpu"), "bf16")
     assert abs(fp32 - bf16) < 0.02 and abs(fp32 - math.log(23)) < 0.2
+
+
+def test_training_picks_its_threads_and_restores_them():
+    seen = []
+    before = torch.get_num_threads()
+
+    def batch_fn(split, generator):
+        seen.append(torch.get_num_threads())
+        x = torch.randint(23, (2, 8), generator=generator)
+        return x, x
+    cfg = TrainConfig(max_steps=2, warmup_steps=0, eval_batches=1, progress=False)
+    train(tiny_model(), batch_fn, cfg)                      # a tiny model: one thread
+    assert seen[-1] == 1 and torch.get_num_threads() == before    # (eval batches are drawn before)
+    seen.clear()
+    train(tiny_model(), batch_fn, TrainConfig(max_steps=2, warmup_steps=0, eval_batches=1, progress=False,
+                                              threads=2))
+    assert seen[-1] == 2 and torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads"):
+        TrainConfig(threads=0)
