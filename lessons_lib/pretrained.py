@@ -200,7 +200,7 @@ class PretrainReport:
     precision: str = "fp32"          # what training ran in: "fp32" or "bf16"
     precision_reason: str = ""       # why (lessons_lib.runtime.choose_precision)
     cpu: str = ""                    # the CPU's model name
-    threads: int = 0                 # PyTorch threads during training
+    threads: int = 0                 # PyTorch threads during training (runtime.threads_for)
     torch_version: str = ""
     from_cache: bool = False
     path: str = ""
@@ -275,7 +275,7 @@ def train_shakespeare_char(recipe: Recipe | str | None = None, callback=None, pr
                             train_seconds=seconds, steps=len(history.step), tokens=history.tokens,
                             parameters=model.num_parameters(), history=asdict(history),
                             device=rt.device, precision=history.precision, precision_reason=rt.reason,
-                            cpu=rt.cpu, threads=rt.threads, torch_version=torch.__version__)
+                            cpu=rt.cpu, threads=history.threads, torch_version=torch.__version__)
     return model, tokenizer, report
 
 

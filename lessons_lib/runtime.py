@@ -41,7 +41,7 @@ import torch
 
 __all__ = ["PRECISIONS", "ENV_VAR", "cpu_flags", "cpu_model", "cpu_has_native_bf16",
            "choose_device", "choose_precision", "Runtime", "runtime", "autocast", "one_thread",
-           "use_threads", "threads_for", "time_interleaved"]
+           "use_threads", "threads_for", "busy_cores", "time_interleaved"]
 
 PRECISIONS = ("fp32", "bf16")
 ENV_VAR = "LESSONS_LIB_PRECISION"
@@ -228,11 +228,31 @@ def threads_for(n_parameters: int) -> int:
     training down several times over), else PyTorch's default of one per core."""
     if isinstance(n_parameters, bool) or not isinstance(n_parameters, int) or n_parameters < 1:
         raise ValueError(f"n_parameters must be a positive int, got {n_parameters!r}")
-    return 1 if n_parameters < SMALL_MODEL_PARAMETERS else _default_threads()
+    if n_parameters < SMALL_MODEL_PARAMETERS:
+        return 1
+    # a core another program keeps busy is worse than no core: PyTorch's threads wait for the
+    # slowest one at every step (measured: a 2-thread run with one core busy, 10x slower)
+    return max(1, _default_threads() - busy_cores())
 
 
 def _default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def busy_cores(samples: int = 5, interval: float = 0.01) -> int:
+    """How many cores other programs keep busy right now: the fewest processes ready to run
+    (``/proc/loadavg``) over a few samples, less this one. 0 where that cannot be read."""
+    import time
+
+    counts = []
+    for _ in range(samples):
+        try:
+            running = Path("/proc/loadavg").read_text().split()[3].split("/")[0]
+        except (OSError, IndexError):
+            return 0
+        counts.append(int(running) - 1)
+        time.sleep(interval)
+    return max(0, min(counts))
 
 
 @contextlib.contextmanager

@@ -76,6 +76,7 @@ class History:
     seconds: float = 0.0                                     # wall time of the training steps
     tokens: int = 0                                          # training tokens seen
     precision: str = ""                                      # what the steps ran in: "fp32" or "bf16"
+    threads: int = 0                                         # CPU threads the steps ran on
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -164,6 +165,7 @@ def train(model: torch.nn.Module, data, config: TrainConfig | None = None, histo
     history = history or History()
     history.precision = precision
     threads = config.threads or threads_for(max(1, sum(p.numel() for p in model.parameters())))
+    history.threads = threads
     with use_threads(threads):
         _train_loop(model, config, device, precision, batch_fn, train_gen, val_batches, train_eval_batches,
                     history, callback)

@@ -169,7 +169,17 @@ def test_time_interleaved_refuses_bad_input():
 def test_small_models_train_on_one_thread():
     assert rt.threads_for(100_000) == 1
     assert rt.threads_for(10_000_000) >= 1
-    assert rt.threads_for(rt.SMALL_MODEL_PARAMETERS) == rt._default_threads()
+    assert rt.threads_for(rt.SMALL_MODEL_PARAMETERS) == max(1, rt._default_threads() - rt.busy_cores())
     for bad in (0, -5, 2.5, True, "many"):
         with pytest.raises(ValueError, match="n_parameters"):
             rt.threads_for(bad)
+
+
+def test_a_busy_core_is_left_alone(monkeypatch):
+    monkeypatch.setattr(rt, "_default_threads", lambda: 4)
+    monkeypatch.setattr(rt, "busy_cores", lambda: 1)
+    assert rt.threads_for(10_000_000) == 3
+    monkeypatch.setattr(rt, "busy_cores", lambda: 9)
+    assert rt.threads_for(10_000_000) == 1
+    monkeypatch.undo()
+    assert rt.busy_cores(samples=2, interval=0.0) >= 0
