@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,7 @@ import torch
 
 __all__ = ["PRECISIONS", "ENV_VAR", "cpu_flags", "cpu_model", "cpu_has_native_bf16",
            "choose_device", "choose_precision", "Runtime", "runtime", "autocast", "one_thread",
-           "use_threads", "threads_for", "busy_cores", "time_interleaved"]
+           "use_threads", "threads_for", "busy_cores", "cpu_cores", "time_interleaved"]
 
 PRECISIONS = ("fp32", "bf16")
 ENV_VAR = "LESSONS_LIB_PRECISION"
@@ -235,15 +236,17 @@ def threads_for(n_parameters: int) -> int:
     return max(1, _default_threads() - busy_cores())
 
 
-def _default_threads() -> int:
+def cpu_cores() -> int:
+    """The cores this process may run on."""
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+_default_threads = cpu_cores
 
 
 def busy_cores(samples: int = 5, interval: float = 0.01) -> int:
     """How many cores other programs keep busy right now: the fewest processes ready to run
     (``/proc/loadavg``) over a few samples, less this one. 0 where that cannot be read."""
-    import time
-
     counts = []
     for _ in range(samples):
         try:
@@ -294,8 +297,6 @@ def time_interleaved(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
     for name, value in (("repeats", repeats), ("warmup", warmup)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "repeats" else 0):
             raise ValueError(f"{name} must be an int >= {1 if name == 'repeats' else 0}, got {value!r}")
-    import time
-
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         for fn in fns.values():

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from numbers import Real
 
 import numpy as np
@@ -31,7 +30,7 @@ from scipy.optimize import least_squares, minimize_scalar
 from tqdm.auto import tqdm
 
 from .model import GPT, GPTConfig, count_parameters
-from .runtime import choose_device
+from .runtime import choose_device, cpu_cores
 from .train import TrainConfig, train
 
 __all__ = ["params", "non_embedding_params", "train_flops", "KAPLAN_2020", "CHINCHILLA_2022",
@@ -173,7 +172,7 @@ def _pool(workers: int):
 
 def _resolve_workers(workers, data, device) -> int:
     if workers == "auto":
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = cpu_cores()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive int or 'auto', got {workers!r}")
     if workers > 1 and callable(data):
