@@ -177,3 +177,13 @@ def test_training_picks_its_threads_and_restores_them():
     assert seen[-1] == 2 and torch.get_num_threads() == before
     with pytest.raises(ValueError, match="threads"):
         TrainConfig(threads=0)
+
+
+def test_generated_ids_can_feed_a_training_step():
+    # generate runs under inference mode; what it returns must still be usable where autograd records
+    model = tiny_model()
+    out = generate(model, torch.tensor([[1, 2, 3]]), 5, greedy=True)
+    assert not out.is_inference()
+    _, loss = model(out, out)
+    loss.backward()
+    assert model.wte.weight.grad is not None
