@@ -3,8 +3,19 @@
 A checker calls :func:`run_cases` with the learner's function and a list of :class:`Case`.
 On success it prints ``all N checks passed`` and returns None. On the first failing case it
 raises :class:`CheckFailed` with a message that says which input failed, what was expected
-and what came back, and (where it can) a hint. The traceback hides the checker's own frames,
-so the learner sees only their cell and the message.
+and what came back, and (where it can) a hint.
+
+Policy, for every chapter's checkers:
+
+- **Independent references.** The expected answer comes from a direct computation written in
+  the checker (or from PyTorch / a formula stated in the exercise), never from the lessons_lib
+  function the exercise teaches: a bug there must not become the answer key.
+- **Reproducible failures.** A failing case names its input: small inputs are printed, and a
+  random case carries ``rebuild``, one line of Python that rebuilds exactly its arguments
+  (seeded), so the learner can rerun that case by hand.
+- **The learner's traceback is kept.** When their function raises, :class:`CheckFailed` is
+  chained to their exception (``raise ... from err``), so Jupyter shows the line in their code
+  that failed, under the checker's explanation.
 """
 
 from __future__ import annotations
@@ -28,6 +39,72 @@ class Case:
     kwargs: dict = field(default_factory=dict)
     hint: str = ""
     compare: Callable[[Any, Any], str | None] | None = None   # returns a problem, or None
+    rebuild: str = ""                # one line of Python that rebuilds args (random cases)
+
+
+def generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed``: every random case is rebuilt from its seed."""
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``torch.randn(*shape, generator=torch.Generator().manual_seed(seed))``, as rebuild
+    lines spell it (see :func:`randn_call`)."""
+    return torch.randn(*shape, generator=generator(seed), dtype=dtype)
+
+
+def randn_call(*shape: int, seed: int) -> str:
+    """The one-line call a learner can paste to rebuild ``randn(*shape, seed=seed)``."""
+    dims = ", ".join(str(n) for n in shape)
+    return f"torch.randn({dims}, generator=torch.Generator().manual_seed({seed}))"
+
+
+def as_number(got, what: str = "a single number") -> tuple[float | None, str | None]:
+    """A finite float out of an int, a float, a NumPy scalar or a one-element tensor/array;
+    otherwise ``(None, message)`` that says what came instead."""
+    if isinstance(got, torch.Tensor):
+        if got.numel() != 1:
+            return None, (f"expected {what}, got a tensor of shape {tuple(got.shape)}"
+                          + (". Did you forget to average?" if got.numel() > 1 else ""))
+        got = got.detach().reshape(()).item()
+    try:
+        import numpy as np
+        if isinstance(got, np.ndarray):
+            if got.size != 1:
+                return None, f"expected {what}, got an array of shape {got.shape}"
+            got = got.reshape(()).item()
+        if isinstance(got, (np.integer, np.floating)):
+            got = got.item()
+    except ImportError:                 # pragma: no cover - numpy ships with torch's users
+        pass
+    if isinstance(got, bool) or not isinstance(got, (int, float)):
+        return None, f"expected {what}, got {_short(got)}"
+    value = float(got)
+    if math.isnan(value):
+        return None, (f"expected {what}, got nan (not a number); nan usually comes from "
+                      "0/0 or inf - inf somewhere in the computation")
+    if math.isinf(value):
+        return None, f"expected {what}, got {value}"
+    return value, None
+
+
+def as_int(got, what: str = "a whole number (an int)") -> tuple[int | None, str | None]:
+    """An int out of an int, a whole float or a one-element integer tensor; else a message."""
+    if isinstance(got, torch.Tensor) and got.numel() == 1:
+        got = got.detach().reshape(()).item()
+    try:
+        import numpy as np
+        if isinstance(got, np.integer):
+            got = int(got)
+        elif isinstance(got, np.floating):
+            got = float(got)
+    except ImportError:                 # pragma: no cover
+        pass
+    if isinstance(got, float) and got.is_integer():
+        got = int(got)
+    if isinstance(got, bool) or not isinstance(got, int):
+        return None, f"expected {what}, got {_short(got)}"
+    return got, None
 
 
 def _short(value, limit: int = 300) -> str:
@@ -69,20 +146,33 @@ def compare_close(rtol: float = 1e-4, atol: float = 1e-5):
     return compare
 
 
+def _inputs(case: Case) -> str:
+    """How the learner rebuilds the failing case: the rebuild line, or the inputs if small."""
+    if case.rebuild:
+        return f"\nTo rerun this case: {case.rebuild}"
+    parts = [_short(a, limit=120) for a in case.args]
+    parts += [f"{k}={_short(v, limit=120)}" for k, v in case.kwargs.items()]
+    text = ", ".join(parts)
+    return f"\nInputs: ({text})" if text and len(text) <= 400 else ""
+
+
 def run_cases(exercise: str, fn: Callable, cases: list[Case]) -> None:
+    """Run ``fn`` on every case; print a success line, or raise on the first failure."""
     __tracebackhide__ = True
     if not callable(fn):
         raise CheckFailed(f"{exercise}: pass your function itself (without calling it), got {_short(fn)}")
     for i, case in enumerate(cases, 1):
+        hint = f"\nHint: {case.hint}" if case.hint else ""
         try:
             got = fn(*case.args, **case.kwargs)
-        except Exception as err:          # the learner's code failed: say where, kindly
+        except Exception as err:          # the learner's code failed: keep their traceback
             raise CheckFailed(
                 f"{exercise}: check {i} of {len(cases)} ({case.description}) raised "
-                f"{type(err).__name__}: {err}" + (f"\nHint: {case.hint}" if case.hint else "")) from None
+                f"{type(err).__name__}: {err}{_inputs(case)}{hint}\n"
+                "(The traceback above this message shows the line in your code.)") from err
         problem = (case.compare or compare_equal)(got, case.expected)
         if problem:
             raise CheckFailed(
                 f"{exercise}: not yet. Check {i} of {len(cases)} failed, on {case.description}:\n"
-                f"  {problem}" + (f"\nHint: {case.hint}" if case.hint else ""))
+                f"  {problem}{_inputs(case)}{hint}")
     print(f"{exercise}: all {len(cases)} checks passed")
