@@ -24,7 +24,7 @@ def test_a_failing_random_case_says_how_to_rebuild_it():
     x = randn(3, 4, seed=11)
     line = randn_call(3, 4, seed=11)
     assert torch.equal(eval(line, {"torch": torch}), x)
-    with pytest.raises(CheckFailed, match=r"To rerun this case: torch\.randn\(3, 4, generator"):
+    with pytest.raises(CheckFailed, match=r"To rerun this case: x = torch\.randn\(3, 4, generator"):
         run_cases("check_demo", lambda t: t.sum(), [Case("random", (x,), 0.0, rebuild=f"x = {line}")])
 
 
