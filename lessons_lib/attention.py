@@ -2,7 +2,7 @@
 
 Read top to bottom:
 
-1. :func:`scaled_dot_product_attention` -- softmax(Q K^T / sqrt(d_k)) V, written out, with an
+1. :func:`attention_with_weights` -- softmax(Q K^T / sqrt(d_k)) V, written out, with an
    optional boolean mask (True = may attend, PyTorch's convention). It returns the weights too,
    so the chapters can draw them.
 2. :func:`causal_mask` -- the lower-triangular mask that stops a position from seeing the future.
@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    "scaled_dot_product_attention",
+    "attention_with_weights",
     "causal_mask",
     "split_heads",
     "merge_heads",
@@ -61,10 +61,14 @@ def _check_mask(mask: torch.Tensor, scores_shape: torch.Size) -> None:
 # -----------------------------------------------------------------------------
 # 1. scaled dot-product attention
 
-def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def attention_with_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  mask: torch.Tensor | None = None
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T / sqrt(d_k)) v, returning ``(output, weights)``.
+
+    Unlike ``torch.nn.functional.scaled_dot_product_attention`` (one tensor, the output, from a
+    fused kernel that never forms the weights), this spells the formula out and hands back the
+    attention weights too, so they can be looked at; hence a different name.
 
     Shapes: ``q`` (..., T_q, d_k), ``k`` (..., T_k, d_k), ``v`` (..., T_k, d_v), with any
     number of leading batch dimensions (they broadcast). ``mask`` is an optional bool tensor
@@ -213,7 +217,7 @@ class MultiHeadAttention(nn.Module):
                 _check_mask(mask, scores_shape)
 
         if return_weights:   # the explicit path: we need the weights to look at them
-            y, weights = scaled_dot_product_attention(q, k, v, mask)
+            y, weights = attention_with_weights(q, k, v, mask)
             if self.training and self.dropout > 0:   # dropout acts on the weights, not on y
                 y = self.attn_dropout(weights) @ v
         else:                # the fused path: same numbers, one PyTorch kernel

@@ -166,7 +166,7 @@ _CHILD = r"""
 import gc, json, sys
 import torch
 import torch.nn.functional as F
-from lessons_lib.attention import scaled_dot_product_attention
+from lessons_lib.attention import attention_with_weights
 
 def proc_status(key):
     with open("/proc/self/status") as f:
@@ -195,7 +195,7 @@ a = json.loads(sys.argv[1])
 if a["fused"]:
     attend = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
 else:
-    attend = lambda q, k, v: scaled_dot_product_attention(q, k, v)[0]
+    attend = lambda q, k, v: attention_with_weights(q, k, v)[0]
 can_reset = False if a.get("no_reset") else reset_peak()     # no_reset: the tests' way to try
 if not can_reset and len(a["sizes"]) > 1:
     print(json.dumps({"separate": True}))
@@ -252,7 +252,7 @@ def attention_peak_memory(sizes: Sequence[int], n_heads: int = 8, head_dim: int 
     raises the peak memory of a Python process.
 
     A separate Python process builds q, k, v of shape (batch_size, n_heads, N, head_dim) and
-    calls either the explicit :func:`lessons_lib.attention.scaled_dot_product_attention`
+    calls either the explicit :func:`lessons_lib.attention.attention_with_weights`
     (``fused=False``: it builds the N x N score and weight matrices) or PyTorch's fused
     ``torch.nn.functional.scaled_dot_product_attention`` (``fused=True``: it works through the
     keys in blocks and never stores the whole matrix). The answer is the rise of that process's

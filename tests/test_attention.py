@@ -8,13 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lessons_lib.attention import (MultiHeadAttention, causal_mask, merge_heads,
-                                   scaled_dot_product_attention, split_heads)
+                                   attention_with_weights, split_heads)
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
 
 
 # -----------------------------------------------------------------------------
-# scaled_dot_product_attention
+# attention_with_weights
 
 @settings(max_examples=60, deadline=None)
 @given(lead=st.lists(st.integers(1, 3), min_size=0, max_size=3),
@@ -25,7 +25,7 @@ def test_sdpa_matches_torch_without_mask(lead, t_q, t_k, d_k, d_v, dtype, seed):
     q = torch.randn(*lead, t_q, d_k, generator=g, dtype=dtype)
     k = torch.randn(*lead, t_k, d_k, generator=g, dtype=dtype)
     v = torch.randn(*lead, t_k, d_v, generator=g, dtype=dtype)
-    out, w = scaled_dot_product_attention(q, k, v)
+    out, w = attention_with_weights(q, k, v)
     assert out.shape == (*lead, t_q, d_v) and w.shape == (*lead, t_q, t_k)
     assert out.dtype == dtype and w.dtype == dtype
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), **TOL[dtype])
@@ -52,7 +52,7 @@ def test_sdpa_matches_torch_with_broadcast_masks(lead, t_q, t_k, d_k, d_v, dtype
     mask_tq = t_q if data.draw(st.booleans()) else 1
     mask = torch.rand(*mask_lead, mask_tq, t_k, generator=g) < 0.6
     mask[..., data.draw(st.integers(0, t_k - 1))] = True          # every row keeps one key
-    out, w = scaled_dot_product_attention(q, k, v, mask)
+    out, w = attention_with_weights(q, k, v, mask)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(out, ref, **TOL[dtype])
     torch.testing.assert_close(w.sum(-1), torch.ones(*lead, t_q, dtype=dtype), **TOL[dtype])
@@ -62,7 +62,7 @@ def test_sdpa_matches_torch_with_broadcast_masks(lead, t_q, t_k, d_k, d_v, dtype
 def test_sdpa_causal_mask_equals_is_causal():
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 10, 8, dtype=torch.float64) for _ in range(3))
-    out, w = scaled_dot_product_attention(q, k, v, causal_mask(10))
+    out, w = attention_with_weights(q, k, v, causal_mask(10))
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
     assert torch.equal(w.triu(1), torch.zeros_like(w))
 
@@ -71,7 +71,7 @@ def test_sdpa_is_stable_for_large_scores():
     q = torch.full((1, 2, 4), 1e4)
     k = torch.tensor([[[1e4, 1e4, 1e4, 1e4], [-1e4, 0.0, 0.0, 0.0]]])
     v = torch.tensor([[[1.0], [2.0]]])
-    out, w = scaled_dot_product_attention(q, k, v)
+    out, w = attention_with_weights(q, k, v)
     assert torch.isfinite(out).all() and torch.isfinite(w).all()
     torch.testing.assert_close(out, torch.ones(1, 2, 1))
 
@@ -81,7 +81,7 @@ def test_sdpa_leading_dims_broadcast():
     q = torch.randn(4, 1, 5, 8)
     k = torch.randn(1, 3, 6, 8)
     v = torch.randn(1, 3, 6, 2)
-    out, w = scaled_dot_product_attention(q, k, v)
+    out, w = attention_with_weights(q, k, v)
     assert out.shape == (4, 3, 5, 2) and w.shape == (4, 3, 5, 6)
     ref = F.scaled_dot_product_attention(q.expand(4, 3, 5, 8), k.expand(4, 3, 6, 8), v.expand(4, 3, 6, 2))
     torch.testing.assert_close(out, ref)
@@ -90,34 +90,34 @@ def test_sdpa_leading_dims_broadcast():
 def test_sdpa_errors_name_the_shapes():
     q, k, v = torch.randn(2, 5, 8), torch.randn(2, 6, 4), torch.randn(2, 6, 3)
     with pytest.raises(ValueError, match=r"q \(2, 5, 8\) and k \(2, 6, 4\)"):
-        scaled_dot_product_attention(q, k, v)
+        attention_with_weights(q, k, v)
     k = torch.randn(2, 6, 8)
     with pytest.raises(ValueError, match=r"k \(2, 6, 8\) and v \(2, 7, 3\)"):
-        scaled_dot_product_attention(q, k, torch.randn(2, 7, 3))
+        attention_with_weights(q, k, torch.randn(2, 7, 3))
     with pytest.raises(ValueError, match=r"mask of shape \(4, 6\).*\(2, 5, 6\)"):
-        scaled_dot_product_attention(q, k, v, torch.ones(4, 6, dtype=torch.bool))
+        attention_with_weights(q, k, v, torch.ones(4, 6, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"mask of shape \(3, 5, 6\).*\(2, 5, 6\)"):
-        scaled_dot_product_attention(q, k, v, torch.ones(3, 5, 6, dtype=torch.bool))
+        attention_with_weights(q, k, v, torch.ones(3, 5, 6, dtype=torch.bool))
     with pytest.raises(ValueError, match="torch.bool.*torch.float32"):
-        scaled_dot_product_attention(q, k, v, torch.zeros(5, 6))
+        attention_with_weights(q, k, v, torch.zeros(5, 6))
     with pytest.raises(ValueError, match="torch.bool.*torch.int64"):
-        scaled_dot_product_attention(q, k, v, torch.ones(5, 6, dtype=torch.long))
+        attention_with_weights(q, k, v, torch.ones(5, 6, dtype=torch.long))
     with pytest.raises(ValueError, match="torch.bool"):
-        scaled_dot_product_attention(q, k, v, [[True] * 6] * 5)
+        attention_with_weights(q, k, v, [[True] * 6] * 5)
     mask = torch.ones(5, 6, dtype=torch.bool)
     mask[3] = False
     with pytest.raises(ValueError, match="every key is masked"):
-        scaled_dot_product_attention(q, k, v, mask)
+        attention_with_weights(q, k, v, mask)
     with pytest.raises(ValueError, match="at least 2 dimensions"):
-        scaled_dot_product_attention(torch.randn(8), k, v)
+        attention_with_weights(torch.randn(8), k, v)
     with pytest.raises(ValueError, match="floating-point"):
-        scaled_dot_product_attention(q.long(), k, v)
+        attention_with_weights(q.long(), k, v)
     with pytest.raises(ValueError, match="one dtype"):
-        scaled_dot_product_attention(q.double(), k, v)
+        attention_with_weights(q.double(), k, v)
     with pytest.raises(ValueError, match="do not broadcast"):
-        scaled_dot_product_attention(torch.randn(3, 5, 8), k, v)
+        attention_with_weights(torch.randn(3, 5, 8), k, v)
     with pytest.raises(ValueError, match="torch.Tensor"):
-        scaled_dot_product_attention(q.tolist(), k, v)
+        attention_with_weights(q.tolist(), k, v)
 
 
 # -----------------------------------------------------------------------------

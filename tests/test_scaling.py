@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from lessons_lib.attention import scaled_dot_product_attention
+from lessons_lib.attention import attention_with_weights
 from lessons_lib.model import GPT, GPTConfig
 from lessons_lib.scaling import (BESIROGLU_2024, CHINCHILLA_2022, KAPLAN_2020, compute_optimal,
                                  fit_loss_surface, fit_power_law, isoflop_minimum, loss_surface,
@@ -76,7 +76,7 @@ def test_the_attention_term_is_the_causal_half_of_what_pytorch_counts():
     q, k, v = (torch.randn(B, H, T, d // H, requires_grad=True) for _ in range(3))
     counter = FlopCounterMode(display=False)
     with counter:
-        out, _ = scaled_dot_product_attention(q, k, v)
+        out, _ = attention_with_weights(q, k, v)
         out.sum().backward()
     full_per_token_and_layer = counter.get_total_flops() / (B * T)
     assert full_per_token_and_layer == 12 * T * d                 # 4 T d forward, twice that backward
