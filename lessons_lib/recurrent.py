@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = ["LSTMLanguageModel", "lstm_step_by_step", "lstm_cell_from", "time_call",
            "attention_peak_memory", "loglog_fit", "loglog_slope"]
@@ -60,17 +61,38 @@ class LSTMLanguageModel(nn.Module):
         self.lstm = nn.LSTM(n_embd, hidden_size, num_layers=n_layer, batch_first=True)
         self.head = nn.Linear(hidden_size, vocab_size)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
-            raise ValueError(f"idx must be a (batch, T) tensor of dtype torch.long, got "
-                             f"{getattr(idx, 'shape', type(idx).__name__)} {getattr(idx, 'dtype', '')}")
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """``idx`` (batch, T) integer token ids -> ``(logits (batch, T, vocab_size), loss)``.
+
+        The same protocol as every language model in lessons_lib: ``loss`` is the mean
+        cross-entropy against ``targets`` (batch, T), -100 marking positions to ignore, or
+        None without targets.
+        """
+        self._check_ids(idx, "idx")
         if idx.shape[1] == 0:
             raise ValueError("idx must hold at least one position, got T = 0")
+        out, _ = self.lstm(self.embed(idx.long()))   # (batch, T, hidden_size)
+        logits = self.head(out)                      # (batch, T, vocab_size)
+        if targets is None:
+            return logits, None
+        if not isinstance(targets, torch.Tensor) or targets.shape != idx.shape:
+            raise ValueError(f"targets must be a tensor of idx's shape {tuple(idx.shape)}, got "
+                             f"{getattr(targets, 'shape', type(targets).__name__)}")
+        if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+            raise ValueError(f"targets must hold integer token ids, got dtype {targets.dtype}")
+        loss = F.cross_entropy(logits.reshape(-1, self.vocab_size), targets.reshape(-1).long(),
+                               ignore_index=-100)
+        return logits, loss
+
+    def _check_ids(self, idx, name: str) -> None:
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+            raise ValueError(f"{name} must be a (batch, T) tensor of token ids, got "
+                             f"{getattr(idx, 'shape', type(idx).__name__)}")
+        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
+            raise ValueError(f"{name} must hold integer token ids, got dtype {idx.dtype}")
         if idx.numel() and (idx.min() < 0 or idx.max() >= self.vocab_size):
             raise ValueError(f"token ids must lie in 0..{self.vocab_size - 1}, "
                              f"got ids from {idx.min().item()} to {idx.max().item()}")
-        out, _ = self.lstm(self.embed(idx))          # (batch, T, hidden_size)
-        return self.head(out)                        # (batch, T, vocab_size)
 
 
 # -----------------------------------------------------------------------------

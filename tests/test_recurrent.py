@@ -19,7 +19,16 @@ def test_lstm_language_model_shapes_and_parameters():
     torch.manual_seed(0)
     m = LSTMLanguageModel(vocab_size=17, n_embd=64, hidden_size=132)
     idx = torch.randint(17, (3, 11))
-    assert m(idx).shape == (3, 11, 17)
+    logits, loss = m(idx)
+    assert logits.shape == (3, 11, 17) and loss is None
+    targets = torch.randint(17, (3, 11))
+    logits2, loss = m(idx.int(), targets)                       # any integer dtype
+    torch.testing.assert_close(logits2, logits)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits.reshape(-1, 17), targets.reshape(-1)))
+    targets[0, :4] = -100                                       # ignored positions
+    keep = targets.reshape(-1) != -100
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, 17)[keep], targets.reshape(-1)[keep])
+    torch.testing.assert_close(m(idx, targets)[1], want)
     # embedding + LSTM (4 gates: input and hidden weights, two biases) + output layer
     want = 17 * 64 + 4 * 132 * (64 + 132) + 2 * 4 * 132 + 132 * 17 + 17
     assert sum(p.numel() for p in m.parameters()) == want
@@ -32,8 +41,9 @@ def test_lstm_language_model_is_causal():
     b = a.clone()
     b[:, 5:] = (b[:, 5:] + 1) % 10                              # change only the future
     with torch.no_grad():
-        torch.testing.assert_close(m(a)[:, :5], m(b)[:, :5])
-        assert not torch.allclose(m(a)[:, 5:], m(b)[:, 5:])
+        la, lb = m(a)[0], m(b)[0]
+        torch.testing.assert_close(la[:, :5], lb[:, :5])
+        assert not torch.allclose(la[:, 5:], lb[:, 5:])
 
 
 def test_lstm_language_model_errors():
@@ -42,6 +52,10 @@ def test_lstm_language_model_errors():
                 torch.full((1, 3), 5), torch.full((1, 3), -1), [[1, 2]]):
         with pytest.raises(ValueError, match="idx|token ids|position"):
             m(bad)
+    idx = torch.zeros(2, 3, dtype=torch.long)
+    for bad in (torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 3), [[0, 1, 2]] * 2):
+        with pytest.raises(ValueError, match="targets"):
+            m(idx, bad)
     for kwargs in ({"vocab_size": 0, "n_embd": 4, "hidden_size": 4}, {"vocab_size": 5, "n_embd": 4.0, "hidden_size": 4},
                    {"vocab_size": 5, "n_embd": 4, "hidden_size": True}, {"vocab_size": 5, "n_embd": 4, "hidden_size": 4, "n_layer": 0}):
         with pytest.raises(ValueError, match="positive int"):
