@@ -2,55 +2,96 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lessons_lib.exercises import CheckFailed
-from lessons_lib.exercises.ch06 import (check_count_gpt_parameters, check_moe_parameters, check_tie_head,
-                                        check_training_memory, moe_reference)
-from lessons_lib.model import GPT, GPTConfig, count_parameters
+from lessons_lib.exercises.ch06 import (block_case, check_block_forward, check_forward_flops,
+                                        check_tie_head, check_training_memory)
 
 # -----------------------------------------------------------------------------
-# counting parameters
+# a Block's forward pass
 
 
-def count_right(n_layer, n_embd, vocab_size, block_size):
-    d = n_embd
-    per_layer = (2 * d) + (d * 3 * d + 3 * d) + (d * d + d) + (2 * d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
-    return vocab_size * d + block_size * d + n_layer * per_layer + 2 * d
+def block_right(block, x, *, causal=True, gelu="tanh", pre_norm=True, scale=True):
+    B, T, d = x.shape
+    h = block.attn.n_heads
+
+    def attention(t):
+        q, k, v = block.attn.c_attn(t).split(d, dim=-1)
+        q, k, v = (z.view(B, T, h, d // h).transpose(1, 2) for z in (q, k, v))
+        scores = q @ k.transpose(-2, -1) / (math.sqrt(d // h) if scale else 1.0)
+        if causal:
+            scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, d)
+        return block.attn.c_proj(y)
+
+    def mlp(t):
+        return block.mlp.c_proj(F.gelu(block.mlp.c_fc(t), approximate=gelu))
+
+    if not pre_norm:
+        x = block.ln_1(x + attention(x))
+        return block.ln_2(x + mlp(x))
+    x = x + attention(block.ln_1(x))
+    return x + mlp(block.ln_2(x))
 
 
-def test_count_accepts_the_formula(capsys):
-    check_count_gpt_parameters(count_right)
-    assert "all 6 checks passed" in capsys.readouterr().out
+def test_block_accepts_a_forward_pass_from_the_submodules(capsys):
+    check_block_forward(block_right)
+    assert "all 4 checks passed" in capsys.readouterr().out
 
 
-def test_count_agrees_with_a_model_built_on_the_meta_device():
-    with torch.device("meta"):
-        model = GPT(GPTConfig(n_layer=3, n_embd=48, vocab_size=70, block_size=20, n_head=4))
-    assert count_right(3, 48, 70, 20) == sum(p.numel() for p in model.parameters())
+def test_block_accepts_pytorchs_fused_attention():
+    def fused(block, x):
+        B, T, d = x.shape
+        h = block.attn.n_heads
+        q, k, v = (z.view(B, T, h, d // h).transpose(1, 2) for z in block.attn.c_attn(block.ln_1(x)).split(d, -1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, d)
+        x = x + block.attn.c_proj(y)
+        return x + block.mlp.c_proj(F.gelu(block.mlp.c_fc(block.ln_2(x)), approximate="tanh"))
+    check_block_forward(fused)
 
 
-def test_count_rejects_a_head_counted_twice_and_says_so():
-    with pytest.raises(CheckFailed, match="head is tied"):
-        check_count_gpt_parameters(lambda L, d, V, T: count_right(L, d, V, T) + V * d)
+def test_block_case_is_the_libraries_block_with_the_same_output():
+    block, x = block_case(2)
+    with torch.no_grad():
+        assert torch.allclose(block(x), block_right(block, x), atol=1e-5)
+    with pytest.raises(ValueError, match="seed"):
+        block_case(0)
 
 
-def test_count_rejects_the_12_L_d_squared_approximation():
-    with pytest.raises(CheckFailed, match="expected"):
-        check_count_gpt_parameters(lambda L, d, V, T: 12 * L * d * d + (V + T) * d)
+@pytest.mark.parametrize("mistake, message", [
+    (dict(causal=False), "causal mask"),
+    (dict(gelu="none"), "tanh"),
+    (dict(pre_norm=False), "post-LN"),
+    (dict(scale=False), "sqrt"),
+])
+def test_block_names_the_typical_mistakes(mistake, message):
+    with pytest.raises(CheckFailed, match=message) as info:
+        check_block_forward(lambda block, x: block_right(block, x, **mistake))
+    assert "To rerun this case: from lessons_lib.exercises.ch06 import block_case" in str(info.value)
 
 
-def test_count_names_missing_positions_and_missing_biases():
-    with pytest.raises(CheckFailed, match="position embeddings"):
-        check_count_gpt_parameters(lambda L, d, V, T: count_right(L, d, V, T) - T * d)
-    with pytest.raises(CheckFailed, match="bias"):
-        check_count_gpt_parameters(lambda L, d, V, T: count_right(L, d, V, T) - 13 * L * d)
+def test_block_rejects_calling_the_block_or_its_attention():
+    with pytest.raises(CheckFailed, match="called block itself"):
+        check_block_forward(lambda block, x: block(x))
+
+    def uses_attn(block, x):
+        x = x + block.attn(block.ln_1(x))
+        return x + block.mlp(block.ln_2(x))
+    with pytest.raises(CheckFailed, match="called block.attn"):
+        check_block_forward(uses_attn)
 
 
-def test_count_rejects_a_float_that_is_not_whole():
-    with pytest.raises(CheckFailed, match="whole number"):
-        check_count_gpt_parameters(lambda L, d, V, T: count_right(L, d, V, T) + 0.5)
+def test_block_keeps_the_learners_traceback():
+    def crash(block, x):
+        raise RuntimeError("boom")
+    with pytest.raises(CheckFailed, match="raised RuntimeError: boom") as info:
+        check_block_forward(crash)
+    assert isinstance(info.value.__cause__, RuntimeError)
 
 
 # -----------------------------------------------------------------------------
@@ -80,46 +121,41 @@ def test_memory_rejects_mixed_precision_without_the_master_copy():
 
 
 # -----------------------------------------------------------------------------
-# mixture of experts
+# forward FLOPs
 
 
-def moe_right(n_layer, n_embd, vocab_size, block_size, n_experts, top_k):
-    dense = count_right(n_layer, n_embd, vocab_size, block_size)
-    mlp = 8 * n_embd * n_embd + 5 * n_embd
-    router = n_embd * n_experts
-    total = dense + n_layer * ((n_experts - 1) * mlp + router)
-    active = dense + n_layer * ((top_k - 1) * mlp + router)
-    return total, active
+def flops_right(n_layer, n_embd, vocab_size, T):
+    d = n_embd
+    return n_layer * (24 * T * d * d + 4 * T * T * d) + 2 * T * d * vocab_size
 
 
-def test_moe_accepts_a_correct_count(capsys):
-    check_moe_parameters(moe_right)
+def test_flops_accepts_the_formula(capsys):
+    check_forward_flops(flops_right)
     assert "all 6 checks passed" in capsys.readouterr().out
 
 
-def test_moe_reference_with_one_expert_is_the_dense_model_plus_routers():
-    total, active = moe_reference(2, 16, 10, 8, 1, 1)
-    assert total == active == count_parameters(GPTConfig(n_layer=2, n_embd=16, vocab_size=10, block_size=8,
-                                                         n_head=1)) + 2 * 16
+def test_flops_agree_with_pytorchs_counter_on_the_weight_products():
+    # FlopCounterMode counts the Linear layers (and not the fused attention kernel on a CPU)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lessons_lib.model import GPT, GPTConfig
+    model = GPT(GPTConfig(vocab_size=30, block_size=16, n_layer=2, n_head=2, n_embd=16))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.zeros(1, 16, dtype=torch.long))
+    assert counter.get_total_flops() == flops_right(2, 16, 30, 16) - 2 * 4 * 16 * 16 * 16
 
 
-def test_moe_rejects_swapped_order_and_missing_routers():
-    with pytest.raises(CheckFailed, match="wrong way round"):
-        check_moe_parameters(lambda *a: moe_right(*a)[::-1])
-
-    def no_router(L, d, V, T, E, k):
-        total, active = moe_right(L, d, V, T, E, k)
-        return total - L * d * E, active - L * d * E
-    with pytest.raises(CheckFailed, match="routers"):
-        check_moe_parameters(no_router)
-
-
-def test_moe_rejects_counting_only_the_experts_as_active():
-    def experts_only(L, d, V, T, E, k):
-        total, _ = moe_right(L, d, V, T, E, k)
-        return total, L * k * (8 * d * d + 5 * d)
-    with pytest.raises(CheckFailed, match="active"):
-        check_moe_parameters(experts_only)
+@pytest.mark.parametrize("wrong, message", [
+    (lambda L, d, V, T: flops_right(L, d, V, T) // 2, "2 FLOPs"),
+    (lambda L, d, V, T: flops_right(L, d, V, T) - 2 * T * d * V, "head is missing"),
+    (lambda L, d, V, T: L * 24 * T * d * d + 2 * T * d * V, "attention products"),
+    (lambda L, d, V, T: flops_right(L, d, V, T) - 2 * L * T * T * d, "halved"),
+    (lambda L, d, V, T: float(flops_right(L, d, V, T)) + 0.5, "whole number"),
+])
+def test_flops_names_the_typical_mistakes(wrong, message):
+    with pytest.raises(CheckFailed, match=message):
+        check_forward_flops(wrong)
 
 
 # -----------------------------------------------------------------------------
@@ -139,8 +175,9 @@ def test_tie_rejects_a_copy():
     def copy(model):
         with torch.no_grad():
             model.lm_head.weight.copy_(model.wte.weight)
-    with pytest.raises(CheckFailed, match="copy"):
+    with pytest.raises(CheckFailed, match="copy") as info:
         check_tie_head(copy)
+    assert "To rerun this case: model = GPT(GPTConfig(vocab_size=11" in str(info.value)
 
 
 def test_tie_rejects_tying_the_wrong_way_round():
@@ -150,10 +187,11 @@ def test_tie_rejects_tying_the_wrong_way_round():
         check_tie_head(backwards)
 
 
-def test_tie_reports_a_crash_and_a_non_function():
+def test_tie_keeps_the_traceback_of_a_crash_and_rejects_a_non_function():
     def crash(model):
         raise RuntimeError("boom")
-    with pytest.raises(CheckFailed, match="raised RuntimeError: boom"):
+    with pytest.raises(CheckFailed, match="raised RuntimeError: boom") as info:
         check_tie_head(crash)
+    assert isinstance(info.value.__cause__, RuntimeError)
     with pytest.raises(CheckFailed, match="without calling it"):
         check_tie_head(None)
