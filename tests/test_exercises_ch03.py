@@ -157,3 +157,61 @@ def test_entropy_accepts_solution(capsys):
 def test_entropy_rejects_wrong(wrong, words):
     with pytest.raises(CheckFailed, match=words):
         check_attention_entropy(wrong)
+
+
+# ----------------------------------------------------------------------------- debugging help
+
+def _rerun_line(err) -> str:
+    import re
+    return re.search(r"To rerun this case: (.*)", str(err.value)).group(1)
+
+
+def test_failing_random_attention_case_can_be_rebuilt():
+    with pytest.raises(CheckFailed) as err:
+        check_attention(attention_k_T)                 # fails on the batched random case
+    scope = {"torch": torch}
+    exec(_rerun_line(err), scope)
+    q, k, v = scope["q"], scope["k"], scope["v"]
+    assert q.shape == (2, 3, 4, 8) and k.shape == (2, 3, 6, 8) and v.shape == (2, 3, 6, 5)
+    want_out, want_w = attention(q, k, v)
+    with pytest.raises(Exception):                     # the wrong answer fails on it by hand too
+        got_out, got_w = attention_k_T(q, k, v)
+        assert torch.allclose(got_w, want_w)
+
+
+def test_masked_case_rebuild_includes_the_mask():
+    with pytest.raises(CheckFailed) as err:
+        check_attention(attention_inverted_mask)
+    scope = {"torch": torch}
+    exec(_rerun_line(err), scope)
+    assert torch.equal(scope["mask"], causal_mask(5))
+    out, w = attention(scope["q"], scope["k"], scope["v"], scope["mask"])
+    assert not torch.allclose(attention_inverted_mask(scope["q"], scope["k"], scope["v"], scope["mask"])[1],
+                              w, equal_nan=True)
+
+
+def test_random_softmax_case_rebuilds_its_input():
+    with pytest.raises(CheckFailed) as err:
+        check_softmax(softmax_wrong_dim)
+    scope = {"torch": torch}
+    exec(_rerun_line(err), scope)
+    assert scope["x"].shape == (4, 6)
+    assert not torch.allclose(softmax_wrong_dim(scope["x"]), stable_softmax(scope["x"]))
+
+
+def test_random_entropy_case_rebuilds_its_input():
+    def wrong_on_3d(w):                                # right except on 3-D input
+        return entropy(w) if w.dim() < 3 else entropy(w) * 2
+    with pytest.raises(CheckFailed, match="random") as err:
+        check_attention_entropy(wrong_on_3d)
+    scope = {"torch": torch}
+    exec(_rerun_line(err), scope)
+    assert torch.allclose(scope["weights"].sum(-1), torch.ones(3, 4))
+
+
+def test_a_raising_learner_function_keeps_its_traceback():
+    def broken(x):
+        raise KeyError("my bug")
+    with pytest.raises(CheckFailed, match="raised KeyError") as err:
+        check_softmax(broken)
+    assert isinstance(err.value.__cause__, KeyError)
