@@ -177,3 +177,51 @@ def test_whole_split_rejects_a_mean_of_window_means():
 def test_whole_split_rejects_a_tensor_of_losses():
     with pytest.raises(CheckFailed, match="one number"):
         check_whole_split_loss(lambda model, ids, bs: torch.zeros(3))
+
+
+# -----------------------------------------------------------------------------
+# the checkers' own references agree with the library functions the chapter uses,
+# and a failing random case says how to rebuild it
+
+
+def test_references_agree_with_the_library():
+    from lessons_lib.exercises.ch07 import (_loss_model, _lr_reference, _top_k_reference,
+                                            _window_loss_reference)
+    from lessons_lib.generate import filter_logits
+    from lessons_lib.pretrained import evaluate_split
+    from lessons_lib.train import TrainConfig, lr_at
+
+    for step in (0, 5, 9, 10, 50, 99, 100, 150):
+        cfg = TrainConfig(max_steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
+        assert math.isclose(lr_at(step, cfg), _lr_reference(step, 100, 10, 1e-3, 0.1), rel_tol=1e-9)
+    logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(filter_logits(logits, top_k=4), _top_k_reference(logits, 4))
+    model = _loss_model()
+    ids = torch.randint(13, (50,), generator=torch.Generator().manual_seed(1))
+    assert math.isclose(evaluate_split(model, ids, 16), _window_loss_reference(model, ids, 16), rel_tol=1e-5)
+
+
+def test_failing_random_cases_carry_a_rebuild_line():
+    from lessons_lib.exercises.ch07 import attend_case, loss_case
+    with pytest.raises(CheckFailed, match=r"To rerun this case: logits, k = 3 \* torch.randn\(1, 5"):
+        check_top_k_filter(lambda logits, k: logits)
+    with pytest.raises(CheckFailed, match=r"attend_case\(1, 1, 3, 4, seed=800\)"):
+        check_attend_one_step(lambda q, k, v, kc, vc: (q, kc, vc))
+    with pytest.raises(CheckFailed, match=r"loss_case\(0\)") as info:
+        check_whole_split_loss(lambda model, ids, bs: 0.0)
+    assert "model, ids, block_size = loss_case(0)" in str(info.value)
+    args, (out, k, v) = attend_case(1, 1, 3, 4, seed=800)
+    assert torch.allclose(attend_right(*args)[0], out, atol=1e-6)
+    model, ids, block_size = loss_case(2)
+    assert block_size == 7 and len(ids) == 40
+    assert math.isclose(whole_split_right(model, ids, block_size),
+                        whole_split_right(*loss_case(2)), rel_tol=1e-6)
+
+
+def test_a_raising_function_keeps_its_traceback():
+    def crash(*args):
+        raise RuntimeError("boom")
+    for check in (check_lr_schedule, check_top_k_filter, check_attend_one_step, check_whole_split_loss):
+        with pytest.raises(CheckFailed, match="raised RuntimeError: boom") as info:
+            check(crash)
+        assert isinstance(info.value.__cause__, RuntimeError)

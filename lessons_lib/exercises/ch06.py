@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from ..model import GPT, Block, GPTConfig
 from ._core import Case, _short, as_int, compare_close, generator, run_cases
 
-__all__ = ["check_block_forward", "block_case", "check_training_memory", "check_forward_flops",
-           "check_tie_head"]
+__all__ = ["check_block_forward", "check_training_memory", "check_forward_flops", "check_tie_head"]
 
 
 # -----------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Checkers for chapter 07's exercises (pre-training: the schedule, top-k, the KV cache, the score).
 
-Expected answers come from lessons_lib's own ``lr_at``, ``filter_logits``, ``evaluate_split`` and
-PyTorch's ``scaled_dot_product_attention``, which the tests compare with each other and with
-hand computations.
+Expected answers come from references written here, independent of the lessons_lib code each
+exercise teaches: the warmup + cosine formula computed directly, top-k by sorting each row,
+PyTorch's ``scaled_dot_product_attention``, and the loss over windows computed with
+``F.cross_entropy`` one window at a time. (The tests check ``lr_at``, ``filter_logits`` and
+``evaluate_split`` against the same references.)
 """
 
 from __future__ import annotations
@@ -12,17 +14,43 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..generate import filter_logits
 from ..model import GPT, GPTConfig
-from ..pretrained import evaluate_split
-from ..train import TrainConfig, lr_at
-from ._core import Case, CheckFailed, _short, compare_close, compare_equal, run_cases  # noqa: F401
+from ._core import Case, _short, as_number, generator, randn_call, run_cases
 
 __all__ = ["check_lr_schedule", "check_top_k_filter", "check_attend_one_step", "check_whole_split_loss"]
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+def _lr_reference(step: int, max_steps: int, warmup: int, lr: float, ratio: float) -> float:
+    """Linear warmup to ``lr`` (step s < warmup: lr (s + 1) / warmup), then half a cosine from
+    ``lr`` at step ``warmup`` to ``lr * ratio`` at ``max_steps``, flat after."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return lr * (ratio + (1 - ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _top_k_reference(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep each row's k largest entries (found by sorting the row), the rest -inf."""
+    out = torch.full_like(logits, float("-inf"))
+    for r in range(logits.shape[0]):
+        order = sorted(range(logits.shape[1]), key=lambda j: -logits[r, j].item())
+        for j in order[:k]:
+            out[r, j] = logits[r, j]
+    return out
+
+
+def _window_loss_reference(model, ids: torch.Tensor, block_size: int, keep: int | None = None) -> float:
+    """Mean cross-entropy over every prediction of ``ids`` (or the first ``keep``), window by
+    window, each window from a fresh context."""
+    inputs, targets = ids[:-1], ids[1:]
+    n = len(inputs) if keep is None else keep
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, n, block_size):
+            stop = min(start + block_size, n)
+            logits, _ = model(inputs[start:stop][None])
+            total += F.cross_entropy(logits[0].float(), targets[start:stop], reduction="sum").item()
+    return total / n
 
 
 # -----------------------------------------------------------------------------
@@ -30,10 +58,9 @@ def _gen(seed: int) -> torch.Generator:
 
 def _lr_problem(got, expected: float, args: tuple) -> str | None:
     step, max_steps, warmup, lr, ratio = args
-    try:
-        value = float(got)
-    except (TypeError, ValueError):
-        return f"expected a number (the learning rate), got {_short(got)}"
+    value, problem = as_number(got, "a number (the learning rate)")
+    if problem:
+        return problem
     if math.isclose(value, expected, rel_tol=1e-6, abs_tol=1e-12):
         return None
     if step < warmup and math.isclose(value, lr * step / warmup, rel_tol=1e-6, abs_tol=1e-12):
@@ -48,8 +75,7 @@ def _lr_problem(got, expected: float, args: tuple) -> str | None:
 
 
 def check_lr_schedule(fn) -> None:
-    """Grade ``fn(step, max_steps, warmup_steps, lr, min_lr_ratio) -> float`` against
-    ``lessons_lib.train.lr_at``: a linear warmup to ``lr`` over ``warmup_steps`` steps (step
+    """Grade ``fn(step, max_steps, warmup_steps, lr, min_lr_ratio) -> float``: a linear warmup to ``lr`` over ``warmup_steps`` steps (step
     ``s`` < warmup gets ``lr * (s + 1) / warmup_steps``), then a cosine from ``lr`` down to
     ``lr * min_lr_ratio`` at step ``max_steps``."""
     __tracebackhide__ = True
@@ -59,7 +85,7 @@ def check_lr_schedule(fn) -> None:
                  (100, 100, 10, 1e-3, 0.1), (0, 50, 0, 3e-3, 0.0), (37, 50, 0, 3e-3, 0.0),
                  (1500, 3000, 90, 3e-3, 0.1)]:
         step, max_steps, warmup, lr, ratio = args
-        expected = lr_at(step, TrainConfig(max_steps=max_steps, warmup_steps=warmup, lr=lr, min_lr_ratio=ratio))
+        expected = _lr_reference(*args)
         cases.append(Case(f"step={step}, max_steps={max_steps}, warmup_steps={warmup}, lr={lr}, "
                           f"min_lr_ratio={ratio}", args, expected,
                           compare=lambda got, exp, args=args: _lr_problem(got, exp, args)))
@@ -98,9 +124,10 @@ def check_top_k_filter(fn) -> None:
     __tracebackhide__ = True
     cases = []
     for i, (B, V, k) in enumerate([(1, 5, 2), (3, 10, 1), (4, 64, 5), (2, 7, 7), (5, 30, 12)]):
-        logits = 3 * torch.randn(B, V, generator=_gen(700 + i))
-        expected = filter_logits(logits, top_k=k)
+        logits = 3 * torch.randn(B, V, generator=generator(700 + i))
+        expected = _top_k_reference(logits, k)
         cases.append(Case(f"logits of shape {(B, V)} with k={k}", (logits.clone(), k), expected,
+                          rebuild=f"logits, k = 3 * {randn_call(B, V, seed=700 + i)}, {k}",
                           hint="torch.topk(logits, k, dim=-1).values[..., -1:] is the k-th largest logit of each "
                                "row; keep what is >= it (masked_fill the rest with float('-inf'))",
                           compare=lambda got, exp, logits=logits, k=k: _top_k_problem(got, exp, logits, k)))
@@ -110,8 +137,9 @@ def check_top_k_filter(fn) -> None:
 # -----------------------------------------------------------------------------
 # exercise: one step of the KV cache
 
-def _attend_case(B: int, h: int, t: int, hd: int, seed: int):
-    g = _gen(seed)
+def attend_case(B: int, h: int, t: int, hd: int, seed: int):
+    """The arguments of one ``check_attend_one_step`` case, and its expected (output, k, v)."""
+    g = generator(seed)
     q_all, k_all, v_all = (torch.randn(B, h, t + 1, hd, generator=g) for _ in range(3))
     full = F.scaled_dot_product_attention(q_all, k_all, v_all, is_causal=True)
     args = (q_all[:, :, -1:], k_all[:, :, -1:], v_all[:, :, -1:], k_all[:, :, :-1].clone(), v_all[:, :, :-1].clone())
@@ -154,9 +182,12 @@ def check_attend_one_step(fn) -> None:
     __tracebackhide__ = True
     cases = []
     for i, shape in enumerate([(1, 1, 3, 4), (2, 4, 7, 8), (1, 2, 1, 16), (3, 2, 20, 8)]):
-        args, expected = _attend_case(*shape, seed=800 + i)
+        args, expected = attend_case(*shape, seed=800 + i)
+        call = ", ".join(map(str, shape))
         cases.append(Case(f"batch {shape[0]}, {shape[1]} heads, {shape[2]} cached positions, head_dim {shape[3]}",
-                          args, expected, compare=lambda got, exp, args=args: _attend_problem(got, exp, args)))
+                          args, expected, compare=lambda got, exp, args=args: _attend_problem(got, exp, args),
+                          rebuild="from lessons_lib.exercises.ch07 import attend_case; "
+                                  f"args, _ = attend_case({call}, seed={800 + i})"))
     run_cases("check_attend_one_step", fn, cases)
 
 
@@ -164,39 +195,49 @@ def check_attend_one_step(fn) -> None:
 # exercise: the exact score on a whole split
 
 def _loss_problem(got, expected: float, model, ids: torch.Tensor, block_size: int) -> str | None:
-    if isinstance(got, torch.Tensor):
-        if got.numel() != 1:
-            return f"expected one number, got a tensor of shape {tuple(got.shape)}"
-        got = got.item()
-    try:
-        value = float(got)
-    except (TypeError, ValueError):
-        return f"expected one number (nats per token), got {_short(got)}"
+    value, problem = as_number(got, "one number (nats per token)")
+    if problem:
+        return problem
     if math.isclose(value, expected, rel_tol=1e-4, abs_tol=1e-5):
         return None
     n = len(ids) - 1
     full = n // block_size
     if full and full * block_size < n:
-        dropped = evaluate_split(model, ids[: full * block_size + 1], block_size)
+        dropped = _window_loss_reference(model, ids, block_size, keep=full * block_size)
         if math.isclose(value, dropped, rel_tol=1e-4, abs_tol=1e-5):
             return (f"expected {expected:.5f}, got {value:.5f}: the last {n - full * block_size} predictions "
                     f"(a window shorter than block_size) are missing. Every token must count")
     return f"expected {expected:.5f}, got {value:.5f}"
 
 
+_LOSS_CASES = [(33, 16), (50, 16), (40, 7), (17, 16), (2, 16), (100, 1)]
+
+
+def _loss_model() -> GPT:
+    torch.manual_seed(900)
+    return GPT(GPTConfig(vocab_size=13, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+
+
+def loss_case(i: int):
+    """``(model, ids, block_size)`` of ``check_whole_split_loss``'s case ``i`` (0 to 5)."""
+    n_ids, block_size = _LOSS_CASES[i]
+    return _loss_model(), torch.randint(13, (n_ids,), generator=generator(910 + i)), block_size
+
+
 def check_whole_split_loss(fn) -> None:
     """Grade ``fn(model, ids, block_size) -> float``: the mean next-token loss over every
     prediction in the 1-D tensor ``ids``, in consecutive non-overlapping windows of
     ``block_size`` predictions (the last one shorter if need be), each window from a fresh
-    context: what :func:`lessons_lib.pretrained.evaluate_split` computes."""
+    context (what :func:`lessons_lib.pretrained.evaluate_split` computes)."""
     __tracebackhide__ = True
-    torch.manual_seed(900)
-    model = GPT(GPTConfig(vocab_size=13, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()
+    model = _loss_model()
     cases = []
-    for i, (n_ids, block_size) in enumerate([(33, 16), (50, 16), (40, 7), (17, 16), (2, 16), (100, 1)]):
-        ids = torch.randint(13, (n_ids,), generator=_gen(910 + i))
-        expected = evaluate_split(model, ids, block_size)
+    for i, (n_ids, block_size) in enumerate(_LOSS_CASES):
+        ids = torch.randint(13, (n_ids,), generator=generator(910 + i))
+        expected = _window_loss_reference(model, ids, block_size)
         cases.append(Case(f"{n_ids} ids with block_size={block_size}", (model, ids, block_size), expected,
+                          rebuild="from lessons_lib.exercises.ch07 import loss_case; "
+                                  f"model, ids, block_size = loss_case({i})",
                           hint="inputs are ids[:-1], targets ids[1:]; cut both into windows of block_size; "
                                "sum the losses of every position (reduction='sum') and divide by len(ids) - 1",
                           compare=lambda got, exp, ids=ids, bs=block_size: _loss_problem(got, exp, model, ids, bs)))
