@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from lessons_lib.exercises import CheckFailed
 from lessons_lib.exercises.ch01 import (check_bigram_counts, check_cross_entropy, check_make_batch,
-                                        check_perplexity, check_sample_bigram)
+                                        check_numerical_gradient, check_perplexity, check_sample_bigram)
 
 # -----------------------------------------------------------------------------
 # bigram counts
@@ -235,3 +235,129 @@ def test_make_batch_rejects_targets_shifted_the_wrong_way():
         return inputs, data[(starts[:, None] + torch.arange(block_size) - 1).clamp_min(0)]
     with pytest.raises(CheckFailed, match="inputs are right but the targets are not"):
         check_make_batch(backwards)
+
+
+# -----------------------------------------------------------------------------
+# a gradient by finite differences
+
+
+def numerical_gradient_right(f, x, h=1e-6):
+    grad = torch.zeros_like(x)
+    for k in range(x.numel()):
+        up, down = x.clone(), x.clone()
+        up.view(-1)[k] += h
+        down.view(-1)[k] -= h
+        grad.view(-1)[k] = (f(up) - f(down)) / (2 * h)
+    return grad
+
+
+def test_numerical_gradient_accepts_a_correct_answer(capsys):
+    check_numerical_gradient(numerical_gradient_right)
+    assert "all 5 checks passed" in capsys.readouterr().out
+
+
+def test_numerical_gradient_accepts_nudging_in_place_and_restoring():
+    def in_place(f, x, h=1e-6):
+        grad = torch.empty_like(x)
+        flat = x.view(-1)
+        for k in range(x.numel()):
+            saved = flat[k].item()
+            flat[k] = saved + h
+            up = f(x).item()
+            flat[k] = saved - h
+            down = f(x).item()
+            flat[k] = saved
+            grad.view(-1)[k] = (up - down) / (2 * h)
+        return grad
+    check_numerical_gradient(in_place)
+
+
+def test_numerical_gradient_rejects_a_one_sided_difference():
+    def one_sided(f, x, h=1e-6):
+        grad = torch.zeros_like(x)
+        for k in range(x.numel()):
+            up = x.clone()
+            up.view(-1)[k] += h
+            grad.view(-1)[k] = (f(up) - f(x)) / h
+        return grad
+    with pytest.raises(CheckFailed, match=r"h=1e-3(.|\n)*central difference"):
+        check_numerical_gradient(one_sided)
+
+
+def test_numerical_gradient_rejects_forgetting_the_two():
+    with pytest.raises(CheckFailed, match=r"values differ"):
+        check_numerical_gradient(lambda f, x, h=1e-6: 2 * numerical_gradient_right(f, x, h))
+
+
+def test_numerical_gradient_rejects_changing_x():
+    def drifts(f, x, h=1e-6):
+        grad = torch.zeros_like(x)
+        flat = x.view(-1)
+        for k in range(x.numel()):
+            flat[k] += h
+            up = f(x)
+            flat[k] -= 2 * h                 # never moved back up
+            grad.view(-1)[k] = (up - f(x)) / (2 * h)
+        return grad
+    with pytest.raises(CheckFailed, match="changed the x it was given") as info:
+        check_numerical_gradient(drifts)
+    assert "To rerun this case: x = torch.tensor" in str(info.value)
+
+
+def test_numerical_gradient_rejects_a_flat_answer_for_a_2d_x():
+    def flat(f, x, h=1e-6):
+        return numerical_gradient_right(f, x, h).flatten()
+    with pytest.raises(CheckFailed, match=r"expected shape \(3, 4\), got shape \(12,\)"):
+        check_numerical_gradient(flat)
+
+
+# -----------------------------------------------------------------------------
+# shared behaviour: rebuild lines, chained tracebacks
+
+
+def test_a_failing_random_case_prints_a_line_that_rebuilds_it():
+    def wrong_on_long_input(ids, vocab_size):
+        counts = counts_right(ids, vocab_size)
+        if len(ids) > 100:
+            counts[0, 0] += 1
+        return counts
+    with pytest.raises(CheckFailed, match="To rerun this case") as info:
+        check_bigram_counts(wrong_on_long_input)
+    line = str(info.value).split("To rerun this case: ")[1].split("\n")[0]
+    scope = {"torch": torch}
+    exec(line, scope)
+    assert scope["vocab_size"] == 7 and len(scope["ids"]) == 500
+
+
+@pytest.mark.parametrize("checker, answer", [
+    (check_bigram_counts, lambda ids, v: counts_right(ids, v)),
+    (check_cross_entropy, cross_entropy_right),
+    (check_perplexity, perplexity_right),
+    (check_sample_bigram, sample_right),
+    (check_make_batch, make_batch_right),
+    (check_numerical_gradient, numerical_gradient_right),
+])
+def test_every_rebuild_line_rebuilds_its_case(checker, answer, monkeypatch):
+    import lessons_lib.exercises.ch01 as ch01
+    seen = []
+    original = ch01.run_cases
+
+    def spy(name, fn, cases):
+        seen.extend(cases)
+        return original(name, fn, cases)
+    monkeypatch.setattr(ch01, "run_cases", spy)
+    checker(answer)
+    for case in (c for c in seen if c.rebuild):
+        scope = {"torch": torch, "F": F}
+        exec(case.rebuild, scope)
+        rebuilt = [v for k, v in scope.items() if isinstance(v, torch.Tensor)]
+        given = [a for a in case.args if isinstance(a, torch.Tensor)]
+        assert any(torch.equal(r, given[0]) for r in rebuilt), case.description
+
+
+def test_a_raising_function_keeps_its_traceback():
+    def crash(f, x, h=1e-6):
+        raise ZeroDivisionError("oops")
+    with pytest.raises(CheckFailed) as info:
+        check_numerical_gradient(crash)
+    assert isinstance(info.value.__cause__, ZeroDivisionError)

@@ -9,11 +9,13 @@ mistake most likely is (a transposed table, a sum instead of a mean, a softmax t
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
 
-from ._core import Case, CheckFailed, _short, compare_close, compare_equal, run_cases  # noqa: F401
+from ._core import (Case, CheckFailed, _short, as_number, compare_close, generator, randn, randn_call,
+                    run_cases)
 
 __all__ = [
     "check_bigram_counts",
@@ -21,6 +23,7 @@ __all__ = [
     "check_perplexity",
     "check_sample_bigram",
     "check_make_batch",
+    "check_numerical_gradient",
 ]
 
 
@@ -28,33 +31,33 @@ __all__ = [
 # helpers
 
 
-def _to_scalar(got) -> tuple[float | None, str | None]:
-    """A single number out of a float, an int or a one-element tensor; else a kind message."""
-    if isinstance(got, torch.Tensor):
-        if got.numel() != 1:
-            return None, (f"expected a single number (the mean over all positions), got a tensor of "
-                          f"shape {tuple(got.shape)}. Did you forget to average?")
-        return float(got.detach().reshape(())), None
-    if isinstance(got, bool) or not isinstance(got, (int, float)):
-        return None, f"expected a single number, got {_short(got)}"
-    return float(got), None
+_OVERFLOW = ("exp() of a large logit overflows to inf (and inf / inf is nan), and log(0) is -inf "
+             "when a probability underflows to zero")
 
 
-def _compare_scalar(rtol: float = 1e-4, atol: float = 1e-5):
+def _compare_scalar(rtol: float = 1e-4, atol: float = 1e-5, what: str = "a single number",
+                    not_finite: str = ""):
+    """Compare one number; ``not_finite`` explains where a nan or an inf most likely came from."""
     def compare(got, expected) -> str | None:
-        value, problem = _to_scalar(got)
+        value, problem = as_number(got, what)
         if problem:
+            bad = re.search(r"got (-?inf|nan)", problem)
+            if bad:
+                return f"expected about {expected:.6g}, got {bad.group(1)}. {not_finite}".rstrip()
             return problem
-        if math.isnan(value):
-            return (f"expected about {expected:.6g}, got nan (not a number). A nan usually comes from "
-                    f"inf - inf or 0 / 0: exp() of a large logit overflows to inf")
-        if math.isinf(value) and not math.isinf(expected):
-            return (f"expected about {expected:.6g}, got {value}. exp() of a large logit overflows, "
-                    f"and log(0) is -inf when a probability underflows to zero")
         if not math.isclose(value, expected, rel_tol=rtol, abs_tol=atol):
             return f"expected about {expected:.6g}, got {value:.6g}"
         return None
     return compare
+
+
+def _randint(high: int, n: int, seed: int) -> torch.Tensor:
+    """``torch.randint(high, (n,), generator=...)`` seeded with ``seed`` (see _randint_call)."""
+    return torch.randint(high, (n,), generator=generator(seed))
+
+
+def _randint_call(high: int, n: int, seed: int) -> str:
+    return f"torch.randint({high}, ({n},), generator=torch.Generator().manual_seed({seed}))"
 
 
 def _as_long_list(got, name: str) -> tuple[list[int] | None, str | None]:
@@ -115,18 +118,17 @@ def check_bigram_counts(fn) -> None:
     """Grade ``fn(ids, vocab_size) -> (vocab_size, vocab_size) tensor`` of bigram counts:
     ``counts[i, j]`` = how often id ``j`` comes right after id ``i`` in the 1-D tensor ``ids``."""
     __tracebackhide__ = True
-    g = torch.Generator().manual_seed(101)
-    long_ids = torch.randint(7, (500,), generator=g)
     cases = []
-    for description, ids, vocab_size in [
-        ("ids [0, 1, 2, 1, 2] with vocab_size 3", [0, 1, 2, 1, 2], 3),
-        ("ids [2, 2, 2, 2] (the same pair three times) with vocab_size 4", [2, 2, 2, 2], 4),
-        ("ids [1, 0] with vocab_size 5 (most ids never occur)", [1, 0], 5),
-        ("500 random ids with vocab_size 7", long_ids.tolist(), 7),
+    for description, ids, vocab_size, rebuild in [
+        ("ids [0, 1, 2, 1, 2] with vocab_size 3", [0, 1, 2, 1, 2], 3, ""),
+        ("ids [2, 2, 2, 2] (the same pair three times) with vocab_size 4", [2, 2, 2, 2], 4, ""),
+        ("ids [1, 0] with vocab_size 5 (most ids never occur)", [1, 0], 5, ""),
+        ("500 random ids with vocab_size 7", _randint(7, 500, seed=101), 7,
+         f"ids = {_randint_call(7, 500, seed=101)}; vocab_size = 7"),
     ]:
-        ids = torch.tensor(ids, dtype=torch.long)
+        ids = torch.as_tensor(ids, dtype=torch.long)
         cases.append(Case(description, (ids.clone(), vocab_size), _reference_counts(ids, vocab_size),
-                          compare=_compare_counts,
+                          compare=_compare_counts, rebuild=rebuild,
                           hint="pair every id with the one after it: ids[:-1] and ids[1:]"))
     run_cases("check_bigram_counts", fn, cases)
 
@@ -140,7 +142,8 @@ def check_cross_entropy(fn) -> None:
     ``torch.nn.functional.cross_entropy``: ``logits`` has shape ``(N, V)``, ``targets`` shape
     ``(N,)``; the answer is one number (a float or a 0-d tensor), in nats."""
     __tracebackhide__ = True
-    g = torch.Generator().manual_seed(102)
+    random_rebuild = (f"logits = 3 * {randn_call(40, 10, seed=102)}; "
+                      f"targets = {_randint_call(10, 40, seed=1102)}")
     cases_in = [
         ("2 positions, 3 classes, small logits",
          torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]]), torch.tensor([0, 1]), ""),
@@ -148,7 +151,7 @@ def check_cross_entropy(fn) -> None:
          torch.zeros(5, 64), torch.tensor([0, 7, 63, 20, 5]),
          "with equal logits every class gets probability 1/64, so the loss is ln(64)"),
         ("40 positions, 10 classes, random logits",
-         3 * torch.randn(40, 10, generator=g), torch.randint(10, (40,), generator=g), ""),
+         3 * randn(40, 10, seed=102), _randint(10, 40, seed=1102), ""),
         ("a single position", torch.tensor([[0.3, -0.2, 1.5, 0.0]]), torch.tensor([3]), ""),
         ("large logits (1000 and more), where exp() overflows to inf",
          torch.tensor([[1000.0, 0.0, -1000.0], [0.0, 1000.0, 999.0], [5000.0, 4999.0, 4998.0]]),
@@ -163,8 +166,10 @@ def check_cross_entropy(fn) -> None:
     cases = []
     for description, logits, targets, hint in cases_in:
         expected = float(F.cross_entropy(logits.double(), targets))
-        cases.append(Case(description, (logits.clone(), targets.clone()), expected,
-                          compare=_compare_scalar(rtol=1e-4, atol=1e-4),
+        rebuild = random_rebuild if "random" in description else ""
+        cases.append(Case(description, (logits.clone(), targets.clone()), expected, rebuild=rebuild,
+                          compare=_compare_scalar(rtol=1e-4, atol=1e-4, not_finite=_OVERFLOW,
+                                                  what="a single number (the mean over all positions)"),
                           hint=hint or "log-softmax each row over the classes (dim=-1), pick the "
                                        "target's entry, negate, average over positions"))
     run_cases("check_cross_entropy", fn, cases)
@@ -179,12 +184,13 @@ def check_perplexity(fn) -> None:
     ``probs[i, j] = P(next = j | current = i)``, ``ids`` a 1-D tensor of token ids; the answer
     is ``exp`` of the mean of ``-ln probs[ids[t], ids[t + 1]]``, one number."""
     __tracebackhide__ = True
-    g = torch.Generator().manual_seed(103)
     cycle = torch.zeros(3, 3)
     cycle[0, 1] = cycle[1, 2] = cycle[2, 0] = 1.0
     skewed = torch.tensor([[0.9, 0.1], [0.5, 0.5]])
-    random_table = torch.softmax(2 * torch.randn(6, 6, generator=g), dim=-1)
-    random_ids = torch.randint(6, (200,), generator=g)
+    random_table = torch.softmax(2 * randn(6, 6, seed=103), dim=-1)
+    random_ids = _randint(6, 200, seed=1103)
+    random_rebuild = (f"probs = torch.softmax(2 * {randn_call(6, 6, seed=103)}, dim=-1); "
+                      f"ids = {_randint_call(6, 200, seed=1103)}")
     cases_in = [
         ("a uniform table over 5 tokens", torch.full((5, 5), 0.2), torch.tensor([0, 3, 3, 1, 4, 2]),
          "a model that spreads its bets evenly over V tokens has perplexity V"),
@@ -197,9 +203,14 @@ def check_perplexity(fn) -> None:
     ]
     cases = []
     for description, probs, ids, hint in cases_in:
-        nll = -probs.double()[ids[:-1], ids[1:]].log().mean()
-        cases.append(Case(description, (probs.clone(), ids.clone()), float(torch.exp(nll)),
-                          compare=_compare_scalar(rtol=1e-4, atol=1e-5),
+        nll = sum(-math.log(probs[a, b].item()) for a, b in zip(ids[:-1].tolist(), ids[1:].tolist()))
+        rebuild = random_rebuild if "random" in description else ""
+        cases.append(Case(description, (probs.clone(), ids.clone()), math.exp(nll / (len(ids) - 1)),
+                          rebuild=rebuild,
+                          compare=_compare_scalar(
+                              rtol=1e-4, atol=1e-5, what="a single number (the perplexity)",
+                              not_finite="An infinite perplexity means some pair of the sequence got "
+                                         "probability 0: is the table read as probs[current, next]?"),
                           hint=hint or "exp(mean over t of -ln probs[ids[t], ids[t + 1]])"))
     run_cases("check_perplexity", fn, cases)
 
@@ -268,8 +279,12 @@ def check_sample_bigram(fn) -> None:
         values, problem = _as_long_list(got, "the sample")
         if problem:
             return problem
-        again, problem = _as_long_list(fn(stochastic.clone(), 1, 50, torch.Generator().manual_seed(7)),
-                                       "the sample")
+        try:
+            again = fn(stochastic.clone(), 1, 50, generator(7))
+        except Exception as err:            # keep the learner's traceback
+            raise CheckFailed("check_sample_bigram: the second call with the same seed raised "
+                              f"{type(err).__name__}: {err}") from err
+        again, problem = _as_long_list(again, "the sample")
         if problem:
             return problem
         if values != again:
@@ -277,19 +292,30 @@ def check_sample_bigram(fn) -> None:
                     "generator=generator to torch.multinomial so results can be reproduced")
         return None
 
+    cycle_table = ("probs = torch.zeros(4, 4); "
+                   "probs[0, 2] = probs[2, 1] = probs[1, 3] = probs[3, 0] = 1.0")
+    stochastic_table = "probs = torch.tensor([[0, .75, .25], [.5, 0, .5], [1, 0, 0]])"
+
+    def call(table, start, num_tokens, seed):
+        return (f"{table}; start, num_tokens = {start}, {num_tokens}; "
+                f"generator = torch.Generator().manual_seed({seed})")
+
     cases = [
         Case("a table that always moves 0 -> 2 -> 1 -> 3 -> 0, start 0, 8 tokens",
-             (cycle.clone(), 0, 8, torch.Generator().manual_seed(0)), [2, 1, 3, 0, 2, 1, 3, 0],
-             compare=compare_cycle, hint="the next token is drawn from the row of the current one"),
-        Case("the same table, asking for 0 tokens", (cycle.clone(), 3, 0, torch.Generator().manual_seed(0)),
-             [], compare=compare_cycle, hint="asking for 0 tokens should return an empty list"),
+             (cycle.clone(), 0, 8, generator(0)), [2, 1, 3, 0, 2, 1, 3, 0],
+             compare=compare_cycle, rebuild=call(cycle_table, 0, 8, 0),
+             hint="the next token is drawn from the row of the current one"),
+        Case("the same table, asking for 0 tokens", (cycle.clone(), 3, 0, generator(0)),
+             [], compare=compare_cycle, rebuild=call(cycle_table, 3, 0, 0),
+             hint="asking for 0 tokens should return an empty list"),
         Case(f"{n_long} tokens from the table [[0, .75, .25], [.5, 0, .5], [1, 0, 0]], start 0",
-             (stochastic.clone(), 0, n_long, torch.Generator().manual_seed(1)), stochastic,
-             compare=compare_frequencies,
+             (stochastic.clone(), 0, n_long, generator(1)), stochastic,
+             compare=compare_frequencies, rebuild=call(stochastic_table, 0, n_long, 1),
              hint="draw with torch.multinomial(probs[current], 1, generator=generator)"),
         Case("two calls with identically seeded generators",
-             (stochastic.clone(), 1, 50, torch.Generator().manual_seed(7)), None,
-             compare=compare_repeatable, hint="use the generator you are given for every draw"),
+             (stochastic.clone(), 1, 50, generator(7)), None,
+             compare=compare_repeatable, rebuild=call(stochastic_table, 1, 50, 7),
+             hint="use the generator you are given for every draw"),
     ]
     run_cases("check_sample_bigram", fn, cases)
 
@@ -303,10 +329,11 @@ def check_make_batch(fn) -> None:
     1-D tensor ``starts``, ``inputs[b] = data[s : s + block_size]`` and ``targets[b]`` is the same
     window shifted one token to the right; both have shape ``(len(starts), block_size)``."""
     __tracebackhide__ = True
-    g = torch.Generator().manual_seed(104)
     ramp = torch.arange(100, 112)                   # values reveal positions: data[i] = 100 + i
-    random_data = torch.randint(50, (300,), generator=g)
-    random_starts = torch.randint(300 - 16, (8,), generator=g)
+    random_data = _randint(50, 300, seed=104)
+    random_starts = _randint(300 - 16, 8, seed=1104)
+    random_rebuild = (f"data = {_randint_call(50, 300, seed=104)}; "
+                      f"starts = {_randint_call(300 - 16, 8, seed=1104)}; block_size = 16")
 
     def reference(data, starts, block_size):
         inputs = torch.stack([data[s:s + block_size] for s in starts.tolist()])
@@ -337,15 +364,102 @@ def check_make_batch(fn) -> None:
         return None
 
     cases = []
-    for description, data, starts, block_size in [
-        ("data 100, 101, ..., 111 with starts [0, 3] and block_size 4", ramp, torch.tensor([0, 3]), 4),
+    for description, data, starts, block_size, rebuild in [
+        ("data 100, 101, ..., 111 with starts [0, 3] and block_size 4", ramp, torch.tensor([0, 3]), 4,
+         ""),
         ("the same data with starts [8] and block_size 3 (the window reaches the last token)",
-         ramp, torch.tensor([8]), 3),
-        ("block_size 1", ramp, torch.tensor([5, 0, 10]), 1),
-        ("300 random ids, 8 random starts, block_size 16", random_data, random_starts, 16),
+         ramp, torch.tensor([8]), 3, ""),
+        ("block_size 1", ramp, torch.tensor([5, 0, 10]), 1, ""),
+        ("300 random ids, 8 random starts, block_size 16", random_data, random_starts, 16,
+         random_rebuild),
     ]:
         cases.append(Case(description, (data.clone(), starts.clone(), block_size),
-                          reference(data, starts, block_size), compare=compare,
+                          reference(data, starts, block_size), compare=compare, rebuild=rebuild,
                           hint="inputs: data[s : s + block_size]; targets: data[s + 1 : s + 1 + block_size]; "
                                "torch.stack the windows into rows"))
     run_cases("check_make_batch", fn, cases)
+
+
+# -----------------------------------------------------------------------------
+# exercise: a gradient by finite differences
+
+
+def check_numerical_gradient(fn) -> None:
+    """Grade ``fn(f, x, h=1e-6) -> tensor shaped like x``: the central difference
+    ``(f(x + h e_k) - f(x - h e_k)) / (2 h)`` for every entry ``k`` of the float64 tensor ``x``,
+    where ``f`` maps a tensor shaped like ``x`` to one number. The expected gradients are written
+    out by hand (for the polynomials and the cross-entropy) or come from autograd (torch.autograd.grad)
+    on the checker's own function; ``x`` must come back unchanged."""
+    __tracebackhide__ = True
+    f64 = torch.float64
+    x_cube = randn(3, 4, seed=105, dtype=f64)
+    x_ce = 2 * randn(4, 5, seed=106, dtype=f64)
+    targets = torch.tensor([0, 3, 1, 4])
+    x_mix = randn(2, 3, seed=107, dtype=f64)
+
+    def cube(x):
+        return (x ** 3).sum()
+
+    def squares(x):
+        return (x ** 2).sum()
+
+    def ce(x):
+        return F.cross_entropy(x, targets)
+
+    def mix(x):
+        return torch.sin(x[0, 0] * x[1, 2]) + (x.exp() * torch.arange(6.0, dtype=f64).view(2, 3)).sum()
+
+    def autograd(f, x):
+        x = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(f(x), x)
+        return grad
+
+    def rebuild(shape, seed, scale, f_text):
+        dims = ", ".join(map(str, shape))
+        return (f"x = {scale}torch.randn({dims}, generator=torch.Generator().manual_seed({seed}), "
+                f"dtype=torch.float64); f = {f_text}")
+
+    def with_x_after(f, x, **kwargs):           # the learner's answer, and x after the call
+        before = x.clone()
+        return fn(f, x, **kwargs), before, x
+
+    def compare(got, expected) -> str | None:
+        answer, before, after = got
+        if not torch.equal(after, before):
+            return ("your function changed the x it was given (largest change "
+                    f"{(after - before).abs().max().item():.3g}). Nudge a copy (x.clone()), or save "
+                    "each entry's value and assign it back after nudging it.")
+        return close(answer, expected)
+
+    central = ("use the central difference (f(x + h) - f(x - h)) / (2 h), nudging one entry at a "
+               "time: the one-sided (f(x + h) - f(x)) / h is off by about h / 2 times the second "
+               "derivative")
+    close = compare_close(rtol=1e-6, atol=1e-5)
+    ce_grad = torch.softmax(x_ce, dim=-1)
+    ce_grad[torch.arange(4), targets] -= 1
+    ce_grad /= 4
+    cases = [
+        Case("f = lambda x: (x ** 2).sum() at x = tensor([1., -2., 3.], dtype=torch.float64)",
+             (squares, torch.tensor([1.0, -2.0, 3.0], dtype=f64)), torch.tensor([2.0, -4.0, 6.0], dtype=f64),
+             compare=compare, hint="the gradient of the sum of squares is 2 x",
+             rebuild="x = torch.tensor([1., -2., 3.], dtype=torch.float64); f = lambda x: (x ** 2).sum()"),
+        Case("f = lambda x: (x ** 3).sum() at a random 3 x 4 x (its gradient is 3 x ** 2)",
+             (cube, x_cube.clone()), 3 * x_cube ** 2, compare=compare,
+             rebuild=rebuild((3, 4), 105, "", "lambda x: (x ** 3).sum()"),
+             hint="x has two dimensions: loop over x.numel() entries, e.g. through x.view(-1) or "
+                  "x.flatten(), and return a tensor of x's shape"),
+        Case("the same f and x with h=1e-3 (a large step, where a one-sided difference is visibly off)",
+             (cube, x_cube.clone()), 3 * x_cube ** 2, kwargs={"h": 1e-3}, compare=compare,
+             rebuild=rebuild((3, 4), 105, "", "lambda x: (x ** 3).sum(); h = 1e-3"), hint=central),
+        Case("f = cross-entropy of logits x (4 x 5) with targets [0, 3, 1, 4]; the gradient is "
+             "(softmax(x) - one_hot(targets)) / 4",
+             (ce, x_ce.clone()), ce_grad, compare=compare,
+             rebuild=rebuild((4, 5), 106, "2 * ", "lambda x: F.cross_entropy(x, torch.tensor([0, 3, 1, 4]))"),
+             hint="divide by 2 h: the two nudged points are 2 h apart"),
+        Case("f = sin(x[0, 0] * x[1, 2]) + sum of exp(x) weighted 0..5, compared with autograd",
+             (mix, x_mix.clone()), autograd(mix, x_mix), compare=compare,
+             rebuild=rebuild((2, 3), 107, "", "lambda x: torch.sin(x[0, 0] * x[1, 2]) + (x.exp() * "
+                                               "torch.arange(6.0, dtype=torch.float64).view(2, 3)).sum()"),
+             hint="nudge exactly one entry per difference, and put it back before the next one"),
+    ]
+    run_cases("check_numerical_gradient", with_x_after, cases)
