@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import positive_int
+
 __all__ = [
     "attention_with_weights",
     "causal_mask",
@@ -116,8 +118,7 @@ def attention_with_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def causal_mask(T: int, device: torch.device | str | None = None) -> torch.Tensor:
     """A (T, T) bool mask, True on and below the diagonal: position t may attend to 0..t."""
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise ValueError(f"T must be a positive int, got {T!r}")
+    positive_int("T", T)
     return torch.ones(T, T, dtype=torch.bool, device=device).tril()
 
 
@@ -130,8 +131,7 @@ def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
     Head h gets the features ``h*head_dim : (h+1)*head_dim`` of each position."""
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise ValueError(f"x must be a tensor of shape (..., T, C), got {getattr(x, 'shape', type(x).__name__)}")
-    if isinstance(n_heads, bool) or not isinstance(n_heads, int) or n_heads < 1:
-        raise ValueError(f"n_heads must be a positive int, got {n_heads!r}")
+    positive_int("n_heads", n_heads)
     *lead, T, C = x.shape
     if C % n_heads:
         raise ValueError(f"the feature size {C} of x {tuple(x.shape)} is not divisible by n_heads={n_heads}")
@@ -160,9 +160,8 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, bias: bool = True, causal: bool = False,
                  dropout: float = 0.0):
         super().__init__()
-        for name, value in (("d_model", d_model), ("n_heads", n_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        positive_int("d_model", d_model)
+        positive_int("n_heads", n_heads)
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
         if not 0.0 <= dropout < 1.0:
@@ -240,6 +239,8 @@ class MultiHeadAttention(nn.Module):
     def _attend_with_cache(q, k, v, kv):
         """Write this step's keys and values into the cache, then attend over all of it."""
         k_buf, v_buf, start = kv
+        if k_buf.shape[0] != q.shape[0]:
+            raise ValueError(f"the cache was built for a batch of {k_buf.shape[0]}, got a batch of {q.shape[0]}")
         T = q.shape[-2]
         end = start + T
         if end > k_buf.shape[-2]:

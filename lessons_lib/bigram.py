@@ -25,6 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import is_int, is_integer_dtype, non_negative_int, positive_int, token_ids
+from .model import next_token_loss
+
 # -----------------------------------------------------------------------------
 # input checks shared by the functions below
 
@@ -35,12 +38,12 @@ def _check_ids(ids, vocab_size: int | None = None, min_len: int = 2) -> torch.Te
         if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__"):
             raise ValueError(f"ids must be a 1-D tensor or a list of integer token ids, "
                              f"got {type(ids).__name__}")
-        if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+        if not all(is_int(i) for i in ids):
             raise ValueError("ids must hold integer token ids (a list of ints or an integer tensor)")
         ids = torch.tensor(list(ids), dtype=torch.long)
     if ids.ndim != 1:
         raise ValueError(f"ids must be 1-D (one sequence of token ids), got shape {tuple(ids.shape)}")
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+    if not is_integer_dtype(ids.dtype):
         raise ValueError(f"ids must be an integer tensor, got dtype {ids.dtype}")
     if len(ids) < min_len:
         raise ValueError(f"need at least {min_len} token ids (a pair is a token and the one after it), "
@@ -49,12 +52,6 @@ def _check_ids(ids, vocab_size: int | None = None, min_len: int = 2) -> torch.Te
         raise ValueError(f"token ids must lie in 0..{vocab_size - 1} for a vocabulary of {vocab_size}, "
                          f"got values from {ids.min().item()} to {ids.max().item()}")
     return ids.long()
-
-
-def _check_vocab_size(vocab_size) -> int:
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
-        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
-    return vocab_size
 
 
 def _check_table(table, name: str) -> torch.Tensor:
@@ -80,7 +77,7 @@ def bigram_counts(ids, vocab_size: int) -> torch.Tensor:
     two tokens. Returns an int64 tensor of shape ``(vocab_size, vocab_size)`` whose entries sum
     to ``len(ids) - 1``: rows are the current token, columns the next one.
     """
-    vocab_size = _check_vocab_size(vocab_size)
+    vocab_size = positive_int("vocab_size", vocab_size)
     ids = _check_ids(ids, vocab_size)
     # each pair (i, j) gets one flat index i * V + j; bincount counts them all at once
     flat = ids[:-1] * vocab_size + ids[1:]
@@ -144,10 +141,9 @@ def sample_bigram(probs: torch.Tensor, start: int, num_tokens: int,
     if not probs.dtype.is_floating_point:
         raise ValueError(f"probs must be a floating-point table, got dtype {probs.dtype}")
     vocab_size = probs.shape[0]
-    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < vocab_size:
+    if not is_int(start) or not 0 <= start < vocab_size:
         raise ValueError(f"start must be a token id in 0..{vocab_size - 1}, got {start!r}")
-    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
-        raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+    non_negative_int("num_tokens", num_tokens)
     out, current = [], start
     for _ in range(num_tokens):
         current = int(torch.multinomial(probs[current], 1, generator=generator))
@@ -169,31 +165,23 @@ class BigramLanguageModel(nn.Module):
 
     def __init__(self, vocab_size: int):
         super().__init__()
-        self.vocab_size = _check_vocab_size(vocab_size)
+        self.vocab_size = positive_int("vocab_size", vocab_size)
         self.logits_table = nn.Embedding(vocab_size, vocab_size)   # row i: logits of what follows i
 
     def _check_idx(self, idx, name: str) -> None:
         if not isinstance(idx, torch.Tensor):
             raise ValueError(f"{name} must be an integer tensor of token ids, got {type(idx).__name__}")
-        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-            raise ValueError(f"{name} must hold integer token ids, got dtype {idx.dtype}")
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.vocab_size):
-            raise ValueError(f"{name} must lie in 0..{self.vocab_size - 1}, got values from "
-                             f"{idx.min().item()} to {idx.max().item()}")
+        token_ids(idx, name, ndim=None, vocab_size=self.vocab_size)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """``idx`` of any shape, e.g. ``(batch, time)`` -> logits of shape ``(*idx.shape, V)``
         and the mean cross-entropy against ``targets`` (same shape as ``idx``), or None."""
         self._check_idx(idx, "idx")
-        logits = self.logits_table(idx)
+        logits = self.logits_table(idx.long())        # any integer dtype; Embedding wants int64
         if targets is None:
             return logits, None
         self._check_idx(targets, "targets")
-        if targets.shape != idx.shape:
-            raise ValueError(f"targets must have the shape of idx, {tuple(idx.shape)}, "
-                             f"got {tuple(targets.shape)}")
-        loss = F.cross_entropy(logits.reshape(-1, self.vocab_size), targets.reshape(-1))
-        return logits, loss
+        return logits, next_token_loss(logits, targets)
 
     def probs(self) -> torch.Tensor:
         """The model's ``(V, V)`` table of conditional probabilities: softmax of every row."""
@@ -209,8 +197,7 @@ class BigramLanguageModel(nn.Module):
         self._check_idx(idx, "idx")
         if idx.ndim != 2 or idx.shape[1] == 0:
             raise ValueError(f"idx must have shape (batch, time) with time >= 1, got {tuple(idx.shape)}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        non_negative_int("max_new_tokens", max_new_tokens)
         for _ in range(max_new_tokens):
             logits, _ = self(idx[:, -1])                          # (batch, V)
             next_id = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)

@@ -15,6 +15,7 @@ from functools import lru_cache
 import torch
 
 from . import assets
+from .checks import positive_int, token_ids
 
 # Coriolanus first, like the classic input.txt; together about 1.09 million characters.
 SHAKESPEARE_PLAYS = (
@@ -87,13 +88,9 @@ def get_batch(data: torch.Tensor, batch_size: int, block_size: int,
     ``data`` is a 1-D integer tensor of token ids. Returns ``(inputs, targets)``, both of shape
     ``(batch_size, block_size)``: ``targets[b, t]`` is the token that follows ``inputs[b, t]``.
     """
-    if not isinstance(data, torch.Tensor) or data.ndim != 1:
-        raise ValueError(f"data must be a 1-D tensor of token ids, got {type(data).__name__} "
-                         f"with shape {tuple(getattr(data, 'shape', ()))}")
-    if data.dtype.is_floating_point or data.dtype == torch.bool:
-        raise ValueError(f"data must hold integer token ids, got dtype {data.dtype}")
-    if batch_size < 1 or block_size < 1:
-        raise ValueError(f"batch_size and block_size must be >= 1, got {batch_size} and {block_size}")
+    token_ids(data, "data", ndim=1, shape="1-D")
+    positive_int("batch_size", batch_size)
+    positive_int("block_size", block_size)
     if len(data) < block_size + 1:
         raise ValueError(f"data has {len(data)} tokens; a window of block_size={block_size} "
                          f"needs at least {block_size + 1}")

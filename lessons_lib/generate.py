@@ -18,26 +18,64 @@ without a cache in every case.
 
 from __future__ import annotations
 
+import math
+from numbers import Real
+
 import torch
 
+from .checks import eval_mode, is_int, non_negative_int, token_ids
+from .runtime import model_device
 
-def _check_sampling(temperature, top_k, top_p, greedy, max_new_tokens) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-    if not greedy and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (use greedy=True for the argmax), got {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+def _check_sampling(temperature, top_k, top_p, greedy, max_new_tokens=0) -> None:
+    non_negative_int("max_new_tokens", max_new_tokens)
+    if not greedy:
+        if isinstance(temperature, bool) or not isinstance(temperature, Real) \
+                or not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"temperature must be a finite number > 0 (use greedy=True for the "
+                             f"argmax), got {temperature!r}")
+    _check_filters(top_k, top_p)
+
+
+def _check_filters(top_k, top_p) -> None:
+    if top_k is not None and not (is_int(top_k) and top_k >= 1):
+        raise ValueError(f"top_k must be a positive int or None (None keeps every token; "
+                         f"top_k=0 would keep none), got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, Real)
+                              or not 0.0 <= top_p <= 1.0):
+        raise ValueError(f"top_p must be a number in [0, 1] or None, got {top_p!r}")
+
+
+def _check_logits(logits) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or logits.size(-1) == 0 \
+            or not logits.is_floating_point():
+        raise ValueError("logits must be a floating-point tensor of shape (..., vocab_size), got "
+                         + (f"dtype {logits.dtype}, shape {tuple(logits.shape)}"
+                            if isinstance(logits, torch.Tensor) else type(logits).__name__))
+    if torch.isnan(logits).any() or torch.isposinf(logits).any():
+        raise ValueError("logits hold NaN or +inf: no distribution can be made of them "
+                         "(-inf is fine: it marks a token that cannot be chosen)")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
     """Set to -inf every logit outside the ``top_k`` largest and outside the nucleus ``top_p``.
 
-    The nucleus is the smallest set of most likely tokens whose probabilities sum to at least
-    ``top_p``; the most likely token is always kept. ``logits`` has shape (..., vocab_size).
+    ``logits`` is a float tensor of shape (..., vocab_size) without NaN or +inf (ValueError).
+
+    ``top_k``: a positive int, or None to keep every token. A ``top_k`` of at least the
+    vocabulary size keeps every token. Tokens tied with the k-th largest logit are all kept (as
+    Hugging Face's ``TopKLogitsWarper`` does), so ties can leave more than ``top_k`` tokens.
+
+    ``top_p``: a number in [0, 1], or None (like 1) to keep every token. The nucleus is the
+    smallest set of most likely tokens whose probabilities sum to at least ``top_p``: a token is
+    kept when the tokens strictly more likely than it hold less than ``top_p`` of the
+    probability. The most likely token is always kept, so ``top_p=0`` keeps it alone; tokens
+    with equal logits are kept or dropped together. Without ties this is Hugging Face's
+    ``TopPLogitsWarper``. With both, top-k is applied first and the nucleus is taken from what
+    remains (renormalised), as Hugging Face's processors chained in that order do.
     """
+    _check_logits(logits)
+    _check_filters(top_k, top_p)
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -45,7 +83,14 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs          # probability of the better tokens
-        drop_sorted = mass_before >= top_p                    # already enough without this one
+        # a tie shares the mass before its first member, so tied tokens stay or go together
+        index = torch.arange(logits.size(-1), device=logits.device).expand_as(sorted_logits)
+        first = torch.ones_like(sorted_logits, dtype=torch.bool)
+        first[..., 1:] = sorted_logits[..., 1:] != sorted_logits[..., :-1]
+        group_start = torch.where(first, index, 0).cummax(dim=-1).values
+        mass_before = mass_before.gather(-1, group_start)
+        # already enough without this one; the most likely token (group) always stays
+        drop_sorted = (mass_before >= top_p) & (group_start > 0)
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -54,7 +99,14 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, greedy: bool = False,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pick one token id per row from next-token logits of shape (batch, vocab_size)."""
+    """Pick one token id per row from next-token logits of shape (batch, vocab_size).
+
+    ``greedy=True`` takes the argmax (``temperature``, ``top_k`` and ``top_p`` are then not
+    used, but still checked). Otherwise the logits are divided by ``temperature`` (a finite
+    number > 0), filtered by :func:`filter_logits`, and one token is drawn from the softmax.
+    Returns a (batch, 1) tensor of int64 ids."""
+    _check_sampling(temperature, top_k, top_p, greedy)
+    _check_logits(logits)
     if greedy:
         return logits.argmax(dim=-1, keepdim=True)
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
@@ -75,26 +127,20 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
     if idx.dim() != 2 or idx.size(1) == 0:
         raise ValueError(f"idx must be a (batch, T) or (T,) tensor of token ids with T >= 1, "
                          f"got shape {tuple(idx.shape)}")
-    if idx.dtype.is_floating_point or idx.dtype == torch.bool:
-        raise ValueError(f"idx must hold integer token ids, got dtype {idx.dtype}")
+    token_ids(idx, "idx")
     if generator is not None and generator.device.type != "cpu":
         raise ValueError("pass a CPU torch.Generator; samples are drawn on the CPU")
 
-    was_training = model.training
-    model.eval()
-    try:
-        # inference mode: no autograd bookkeeping at all, which matters when each step is small
-        with torch.inference_mode():
-            out = _extend(model, idx, max_new_tokens, temperature, top_k, top_p, greedy, use_cache,
-                          generator)
-    finally:
-        model.train(was_training)
+    # inference mode: no autograd bookkeeping at all, which matters when each step is small
+    with eval_mode(model), torch.inference_mode():
+        out = _extend(model, idx, max_new_tokens, temperature, top_k, top_p, greedy, use_cache,
+                      generator)
     out = out.clone()              # an ordinary tensor again, usable where autograd records
     return out[0] if squeeze else out
 
 
 def _extend(model, idx, max_new_tokens, temperature, top_k, top_p, greedy, use_cache, generator):
-    device = next(model.parameters()).device
+    device = model_device(model)
     block_size = model.config.block_size
     out = torch.empty(idx.size(0), idx.size(1) + max_new_tokens, dtype=torch.long, device=device)
     out[:, : idx.size(1)] = idx.to(device)

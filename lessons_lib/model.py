@@ -26,14 +26,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file as load_safetensors
 
 from .attention import MultiHeadAttention
+from .checks import non_negative_int, positive_int, token_ids
 
 __all__ = ["sinusoidal_positions", "LearnedPositions", "MLP", "Block",
-           "GPTConfig", "count_parameters", "KVCache", "GPT"]
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+           "GPTConfig", "count_parameters", "num_parameters", "next_token_loss", "KVCache", "GPT"]
 
 
 # -----------------------------------------------------------------------------
@@ -50,8 +46,8 @@ def sinusoidal_positions(T: int, d: int, base: float = 10000.0,
     Each pair of columns is a rotation at its own frequency, from one turn every 2*pi
     positions (i = 0) down to one every 2*pi*base positions. ``d`` must be even.
     """
-    _positive_int("T", T)
-    _positive_int("d", d)
+    positive_int("T", T)
+    positive_int("d", d)
     if d % 2:
         raise ValueError(f"d must be even (sin and cos come in pairs), got d={d}")
     if not base > 0:
@@ -75,8 +71,8 @@ class LearnedPositions(nn.Module):
 
     def __init__(self, block_size: int, d: int):
         super().__init__()
-        _positive_int("block_size", block_size)
-        _positive_int("d", d)
+        positive_int("block_size", block_size)
+        positive_int("d", d)
         self.block_size = block_size
         self.weight = nn.Parameter(torch.randn(block_size, d) * 0.02)
 
@@ -92,9 +88,8 @@ class LearnedPositions(nn.Module):
                 raise ValueError(f"a float tensor must have shape (..., T, d), got {tuple(x.shape)}")
         else:
             T = x
-        _positive_int("T", T)
-        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-            raise ValueError(f"start must be a non-negative int, got {start!r}")
+        positive_int("T", T)
+        non_negative_int("start", start)
         if start + T > self.block_size:
             raise ValueError(
                 f"positions {start}..{start + T - 1} do not fit in block_size={self.block_size}: "
@@ -135,8 +130,8 @@ class Block(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True,
                  causal: bool = True):
         super().__init__()
-        _positive_int("n_embd", n_embd)
-        _positive_int("n_head", n_head)
+        positive_int("n_embd", n_embd)
+        positive_int("n_head", n_head)
         self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
         self.attn = MultiHeadAttention(n_embd, n_head, bias=bias, causal=causal, dropout=dropout)
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
@@ -146,13 +141,14 @@ class Block(nn.Module):
                 return_weights: bool = False, kv: tuple | None = None):
         """``x`` (batch, T, n_embd) -> same shape; with ``return_weights=True`` also the
         attention weights (batch, n_head, T, T). ``mask`` and ``kv`` (a key/value cache, see
-        :class:`KVCache`) are passed to the attention."""
+        :class:`KVCache`) are passed to the attention; weights and a cache cannot be asked for
+        at once (ValueError), as in :class:`~lessons_lib.attention.MultiHeadAttention`."""
         n_embd = self.attn.d_model
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != n_embd:
             raise ValueError(
                 f"x must have shape (batch, T, n_embd={n_embd}), got {getattr(x, 'shape', type(x).__name__)}")
-        if return_weights:
-            a, weights = self.attn(self.ln_1(x), mask=mask, return_weights=True)
+        if return_weights:      # with kv the attention raises: no weights from the cache path
+            a, weights = self.attn(self.ln_1(x), mask=mask, return_weights=True, kv=kv)
         else:
             a = self.attn(self.ln_1(x), mask=mask, kv=kv)
         x = x + a
@@ -179,7 +175,10 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            _positive_int(f"GPTConfig.{name}", getattr(self, name))
+            positive_int(f"GPTConfig.{name}", getattr(self, name))
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig.n_embd={self.n_embd} is not divisible by "
+                             f"n_head={self.n_head}: each head gets n_embd // n_head features")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.positions not in ("learned", "sinusoidal"):
@@ -206,16 +205,36 @@ class GPTConfig:
     def gpt3(cls, name: str = "175b") -> "GPTConfig":
         """The eight models of the GPT-3 paper (Brown et al., 2020, table 2.1), context 2048.
 
-        The table gives 13B a width of 5140 with 40 heads of 128, which do not multiply out
-        (40 x 128 = 5120); we keep the table's 5140 for counting, and with 20 heads so that a
-        model can be built."""
+        Two rows of the table do not multiply out. XL: 24 heads of 128 are 3072, not the width
+        2048; we keep the width and take 16 heads of 128. 13B: 40 heads of 128 are 5120, not
+        5140; we keep the table's 5140 for counting, with 20 heads of 257. The number of heads
+        does not change the parameter count; it must divide the width to build a model."""
         table = {"small": (12, 12, 768), "medium": (24, 16, 1024), "large": (24, 16, 1536),
-                 "xl": (24, 24, 2048), "2.7b": (32, 32, 2560), "6.7b": (32, 32, 4096),
+                 "xl": (24, 16, 2048), "2.7b": (32, 32, 2560), "6.7b": (32, 32, 4096),
                  "13b": (40, 20, 5140), "175b": (96, 96, 12288)}
         if name not in table:
             raise ValueError(f"GPT-3 models are {list(table)}, got {name!r}")
         n_layer, n_head, n_embd = table[name]
         return cls(vocab_size=50257, block_size=2048, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+
+
+def num_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """The parameters of any ``model``, each tensor counted once (tied weights are one tensor);
+    with ``trainable_only`` only those with ``requires_grad``. Every count in lessons_lib of a
+    built model comes from here; :func:`count_parameters` counts a GPT from its config alone."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The loss of every lessons_lib language model: the mean cross-entropy of ``logits``
+    (..., vocab_size) against the integer ``targets`` (...), -100 marking positions to ignore,
+    computed in float32."""
+    if not isinstance(targets, torch.Tensor) or targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets must have the shape of idx {tuple(logits.shape[:-1])}, got "
+                         f"{tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__}")
+    token_ids(targets, "targets", ndim=None)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1).long(),
+                           ignore_index=-100)
 
 
 def count_parameters(config: GPTConfig, split: bool = False):
@@ -239,22 +258,51 @@ def count_parameters(config: GPTConfig, split: bool = False):
 class KVCache:
     """Preallocated keys and values for every layer: (n_layer, batch, n_head, max_len, head_dim).
 
-    ``pos`` is how many positions are filled; the model advances it after each forward pass.
+    The cache owns its position: ``pos`` (read-only) is how many positions are filled. A model
+    calls :meth:`start` before a forward pass (it checks that the batch is the one the cache was
+    built for and that the new positions fit, and returns where they begin), :meth:`layer` for
+    each block, and :meth:`advance` after it. :meth:`reset` empties the cache for a new prompt.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None,
                  device=None, dtype=torch.float32):
-        max_len = max_len or config.block_size
+        positive_int("batch_size", batch_size)
+        max_len = config.block_size if max_len is None else positive_int("max_len", max_len)
         head_dim = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.pos = 0
+        self.batch_size = batch_size
         self.max_len = max_len
+        self._pos = 0
+
+    @property
+    def pos(self) -> int:
+        """How many positions hold keys and values: the next tokens start here."""
+        return self._pos
+
+    def start(self, batch_size: int, T: int) -> int:
+        """Check that ``T`` new positions of a batch of ``batch_size`` fit; return where they start."""
+        if batch_size != self.batch_size:
+            raise ValueError(f"the cache was built for a batch of {self.batch_size}, got a batch of "
+                             f"{batch_size}: make a cache per batch (model.new_kv_cache(batch_size))")
+        if self._pos + T > self.max_len:
+            raise ValueError(f"the cache holds {self.max_len} positions; positions {self._pos}.."
+                             f"{self._pos + T - 1} do not fit")
+        return self._pos
 
     def layer(self, i: int):
         """What layer ``i``'s attention needs: its key buffer, value buffer and the start position."""
-        return self.k[i], self.v[i], self.pos
+        return self.k[i], self.v[i], self._pos
+
+    def advance(self, T: int) -> None:
+        """Mark ``T`` more positions as filled (after every layer has written them)."""
+        self.start(self.batch_size, T)
+        self._pos += T
+
+    def reset(self) -> None:
+        """Forget every position: the next forward pass starts at position 0."""
+        self._pos = 0
 
 
 class GPT(nn.Module):
@@ -296,8 +344,8 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.01)
 
     def num_parameters(self) -> int:
-        """Parameters counted once each (tied weights are one tensor)."""
-        return sum(p.numel() for p in self.parameters())
+        """Parameters counted once each (tied weights are one tensor): :func:`num_parameters`."""
+        return num_parameters(self)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.wte.weight
@@ -310,11 +358,7 @@ class GPT(nn.Module):
         ``targets`` (batch, T) gives the cross-entropy loss; -100 marks positions to ignore.
         With ``kv_cache`` the tokens continue the cached sequence at position ``kv_cache.pos``.
         """
-        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
-            raise ValueError(f"idx must be a (batch, T) tensor of token ids, got "
-                             f"{getattr(idx, 'shape', type(idx).__name__)}")
-        if idx.dtype.is_floating_point or idx.dtype == torch.bool:
-            raise ValueError(f"idx must hold integer token ids, got dtype {idx.dtype}")
+        token_ids(idx, "idx")
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         limit = kv_cache.max_len if kv_cache is not None else self.config.block_size
@@ -322,9 +366,10 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {T} at position {start} does not fit the model's "
                              f"block_size={self.config.block_size}"
                              + (f" or the cache's {limit} positions" if kv_cache is not None else ""))
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}, got ids from {lo} to {hi}")
+        if kv_cache is not None:
+            kv_cache.start(B, T)                       # the batch the cache was built for
+        token_ids(idx, "idx", vocab_size=self.config.vocab_size)
+        idx = idx.long()                               # any integer dtype; Embedding wants int64
 
         if self.config.positions == "learned":
             pos = self.wpe(T, start=start)
@@ -336,16 +381,9 @@ class GPT(nn.Module):
         for i, block in enumerate(self.h):
             x = block(x, kv=kv_cache.layer(i) if kv_cache is not None else None)
         if kv_cache is not None:
-            kv_cache.pos += T
+            kv_cache.advance(T)
         logits = self.lm_head(self.ln_f(x))
-
-        loss = None
-        if targets is not None:
-            if targets.shape != idx.shape:
-                raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {tuple(targets.shape)}")
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                   ignore_index=-100)
-        return logits, loss
+        return logits, (None if targets is None else next_token_loss(logits, targets))
 
     @classmethod
     def from_hf_gpt2(cls, path) -> "GPT":

@@ -32,10 +32,11 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
 from . import assets
+from .checks import eval_mode, positive_int, token_ids
 from .data import load_shakespeare, train_val_split
 from .model import GPT, GPTConfig
 from .tokenizers import CharTokenizer
-from .runtime import choose_device, choose_precision, runtime
+from .runtime import choose_device, choose_precision, model_device, runtime
 from .train import TrainConfig, load_checkpoint, save_checkpoint, train
 
 __all__ = ["Recipe", "RECIPES", "PretrainReport", "evaluate_split", "shakespeare_data",
@@ -60,25 +61,17 @@ def evaluate_split(model, ids: torch.Tensor, block_size: int | None = None, batc
     ``len(ids) - 1``. The result is the sum of the per-token losses divided by ``len(ids) - 1``:
     every token counts once. Runs in float32 and in eval mode (no dropout).
     """
-    if not isinstance(ids, torch.Tensor) or ids.ndim != 1:
-        raise ValueError(f"ids must be a 1-D tensor of token ids, got {type(ids).__name__} "
-                         f"of shape {tuple(getattr(ids, 'shape', ()))}")
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise ValueError(f"ids must hold integer token ids, got dtype {ids.dtype}")
+    token_ids(ids, "ids", ndim=1, shape="1-D")
     if len(ids) < 2:
         raise ValueError(f"need at least 2 tokens (one prediction), got {len(ids)}")
     model_block = getattr(getattr(model, "config", None), "block_size", None)
     block_size = block_size or model_block
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    positive_int("block_size", block_size)
     if model_block is not None and block_size > model_block:
         raise ValueError(f"block_size={block_size} is longer than the model's block_size={model_block}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    positive_int("batch_size", batch_size)
 
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    device = device or model_device(model)
     inputs, targets = ids[:-1], ids[1:]
     n = len(inputs)
     full = n // block_size
@@ -86,16 +79,16 @@ def evaluate_split(model, ids: torch.Tensor, block_size: int | None = None, batc
 
     def window_loss(x, y) -> float:
         logits, _ = model(x.to(device))
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.to(device).reshape(-1),
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.to(device).reshape(-1).long(),
                                reduction="sum").item()
 
     xs = inputs[: full * block_size].view(full, block_size)
     ys = targets[: full * block_size].view(full, block_size)
-    for i in range(0, full, batch_size):
-        total += window_loss(xs[i:i + batch_size], ys[i:i + batch_size])
-    if full * block_size < n:                                  # the shorter last window
-        total += window_loss(inputs[full * block_size:][None], targets[full * block_size:][None])
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, full, batch_size):
+            total += window_loss(xs[i:i + batch_size], ys[i:i + batch_size])
+        if full * block_size < n:                              # the shorter last window
+            total += window_loss(inputs[full * block_size:][None], targets[full * block_size:][None])
     return total / n
 
 

@@ -29,15 +29,12 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from .checks import non_negative_int, positive_int, token_ids
+from .model import next_token_loss
 
 __all__ = ["LSTMLanguageModel", "lstm_step_by_step", "lstm_cell_from", "time_call",
            "attention_peak_memory", "loglog_fit", "loglog_slope"]
-
-
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 # -----------------------------------------------------------------------------
@@ -55,7 +52,7 @@ class LSTMLanguageModel(nn.Module):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("n_embd", n_embd),
                             ("hidden_size", hidden_size), ("n_layer", n_layer)):
-            _positive_int(name, value)
+            positive_int(name, value)
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, n_embd)
         self.lstm = nn.LSTM(n_embd, hidden_size, num_layers=n_layer, batch_first=True)
@@ -68,31 +65,12 @@ class LSTMLanguageModel(nn.Module):
         cross-entropy against ``targets`` (batch, T), -100 marking positions to ignore, or
         None without targets.
         """
-        self._check_ids(idx, "idx")
+        token_ids(idx, "idx", vocab_size=self.vocab_size)
         if idx.shape[1] == 0:
             raise ValueError("idx must hold at least one position, got T = 0")
         out, _ = self.lstm(self.embed(idx.long()))   # (batch, T, hidden_size)
         logits = self.head(out)                      # (batch, T, vocab_size)
-        if targets is None:
-            return logits, None
-        if not isinstance(targets, torch.Tensor) or targets.shape != idx.shape:
-            raise ValueError(f"targets must be a tensor of idx's shape {tuple(idx.shape)}, got "
-                             f"{getattr(targets, 'shape', type(targets).__name__)}")
-        if targets.dtype.is_floating_point or targets.dtype == torch.bool:
-            raise ValueError(f"targets must hold integer token ids, got dtype {targets.dtype}")
-        loss = F.cross_entropy(logits.reshape(-1, self.vocab_size), targets.reshape(-1).long(),
-                               ignore_index=-100)
-        return logits, loss
-
-    def _check_ids(self, idx, name: str) -> None:
-        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
-            raise ValueError(f"{name} must be a (batch, T) tensor of token ids, got "
-                             f"{getattr(idx, 'shape', type(idx).__name__)}")
-        if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-            raise ValueError(f"{name} must hold integer token ids, got dtype {idx.dtype}")
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.vocab_size):
-            raise ValueError(f"token ids must lie in 0..{self.vocab_size - 1}, "
-                             f"got ids from {idx.min().item()} to {idx.max().item()}")
+        return logits, (None if targets is None else next_token_loss(logits, targets))
 
 
 # -----------------------------------------------------------------------------
@@ -159,9 +137,8 @@ def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> fl
     machine can only ever add time, never take it away (the advice of Python's ``timeit``)."""
     if not callable(fn):
         raise ValueError(f"fn must be callable with no arguments, got {type(fn).__name__}")
-    _positive_int("repeats", repeats)
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
+    positive_int("repeats", repeats)
+    non_negative_int("warmup", warmup)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         fn()
@@ -286,9 +263,9 @@ def attention_peak_memory(sizes: Sequence[int], n_heads: int = 8, head_dim: int 
     if isinstance(sizes, (int, bool)) or not isinstance(sizes, Sequence) or len(sizes) == 0:
         raise ValueError(f"sizes must be a non-empty list of sequence lengths, got {sizes!r}")
     for n in sizes:
-        _positive_int("every size", n)
+        positive_int("every size", n)
     for name, value in (("n_heads", n_heads), ("head_dim", head_dim), ("batch_size", batch_size)):
-        _positive_int(name, value)
+        positive_int(name, value)
     if not isinstance(fused, bool):
         raise ValueError(f"fused must be True or False, got {fused!r}")
     settings = {"n_heads": n_heads, "head_dim": head_dim, "batch_size": batch_size, "fused": fused}

@@ -40,8 +40,10 @@ from pathlib import Path
 
 import torch
 
+from .checks import non_negative_int, positive_int
+
 __all__ = ["PRECISIONS", "ENV_VAR", "cpu_flags", "cpu_model", "cpu_has_native_bf16",
-           "choose_device", "choose_precision", "Runtime", "runtime", "autocast", "one_thread",
+           "choose_device", "model_device", "choose_precision", "Runtime", "runtime", "autocast", "one_thread",
            "use_threads", "threads_for", "busy_cores", "cpu_cores", "time_interleaved"]
 
 PRECISIONS = ("fp32", "bf16")
@@ -123,6 +125,15 @@ def choose_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device(device)
     except RuntimeError as err:
         raise ValueError(f"unknown device {device!r}: expected 'auto', 'cpu', 'cuda' or 'mps'") from err
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device a model lives on: that of its first parameter (or buffer); the CPU if it has none."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
 
 
 def _check_precision(value, what: str) -> str:
@@ -227,8 +238,7 @@ def threads_for(n_parameters: int) -> int:
     :data:`SMALL_MODEL_PARAMETERS` (its matrix products are too small to share out: a second
     thread gains little, and on a busy machine threads that wait for each other can slow
     training down several times over), else PyTorch's default of one per core."""
-    if isinstance(n_parameters, bool) or not isinstance(n_parameters, int) or n_parameters < 1:
-        raise ValueError(f"n_parameters must be a positive int, got {n_parameters!r}")
+    positive_int("n_parameters", n_parameters)
     if n_parameters < SMALL_MODEL_PARAMETERS:
         return 1
     # a core another program keeps busy is worse than no core: PyTorch's threads wait for the
@@ -261,8 +271,7 @@ def busy_cores(samples: int = 5, interval: float = 0.01) -> int:
 @contextlib.contextmanager
 def use_threads(n: int):
     """Run the body with ``n`` PyTorch threads, then restore the previous count."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"the thread count must be a positive int, got {n!r}")
+    positive_int("the thread count", n)
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -294,9 +303,8 @@ def time_interleaved(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
                          f"{type(fns).__name__}")
     if "spread" in fns:
         raise ValueError("'spread' is the name of the result's spread entry; rename that function")
-    for name, value in (("repeats", repeats), ("warmup", warmup)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "repeats" else 0):
-            raise ValueError(f"{name} must be an int >= {1 if name == 'repeats' else 0}, got {value!r}")
+    positive_int("repeats", repeats)
+    non_negative_int("warmup", warmup)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         for fn in fns.values():

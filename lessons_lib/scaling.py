@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from numbers import Real
 
 import numpy as np
 import torch
 from scipy.optimize import least_squares, minimize_scalar
 from tqdm.auto import tqdm
 
+from .checks import is_int, positive_int, positive_number
 from .model import GPT, GPTConfig, count_parameters
 from .runtime import choose_device, cpu_cores
 from .train import TrainConfig, train
@@ -41,12 +41,6 @@ __all__ = ["params", "non_embedding_params", "train_flops", "KAPLAN_2020", "CHIN
 def _check_config(config) -> None:
     if not isinstance(config, GPTConfig):
         raise ValueError(f"expected a lessons_lib.model.GPTConfig, got {type(config).__name__}")
-
-
-def _positive_number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive, finite number, got {value!r}")
-    return float(value)
 
 
 # -----------------------------------------------------------------------------
@@ -91,12 +85,11 @@ def train_flops(config: GPTConfig, tokens, attention: bool = False, context: int
     (default ``config.block_size``). For GPT-3 175B this term adds about 1.4%.
     """
     _check_config(config)
-    D = _positive_number("tokens", tokens)
+    D = positive_number("tokens", tokens)
     flops = 6.0 * (params(config) if embeddings else non_embedding_params(config)) * D
     if attention:
         n_ctx = config.block_size if context is None else context
-        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
-            raise ValueError(f"context must be a positive int, got {context!r}")
+        positive_int("context", n_ctx)
         flops += 6.0 * config.n_layer * n_ctx * config.n_embd * D
     return flops
 
@@ -173,7 +166,7 @@ def _pool(workers: int):
 def _resolve_workers(workers, data, device) -> int:
     if workers == "auto":
         workers = cpu_cores()
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+    if not (is_int(workers) and workers >= 1):
         raise ValueError(f"workers must be a positive int or 'auto', got {workers!r}")
     if workers > 1 and callable(data):
         raise ValueError("workers > 1 needs data as (train_ids, val_ids) tensors: a batch function "
@@ -223,7 +216,7 @@ def sweep(configs, tokens, data, *, batch_size: int = 32, block_size: int = 64, 
     if len(budgets) != len(configs):
         raise ValueError(f"tokens must be one number or one per configuration: got {len(budgets)} "
                          f"budgets for {len(configs)} configurations")
-    budgets = [_positive_number("tokens", t) for t in budgets]
+    budgets = [positive_number("tokens", t) for t in budgets]
     if callable(lr):
         rates = [lr(config) for config in configs]
     else:
@@ -231,7 +224,7 @@ def sweep(configs, tokens, data, *, batch_size: int = 32, block_size: int = 64, 
     if len(rates) != len(configs):
         raise ValueError(f"lr must be one number, a function or one per configuration: got {len(rates)} "
                          f"for {len(configs)} configurations")
-    rates = [_positive_number("lr", r) for r in rates]
+    rates = [positive_number("lr", r) for r in rates]
     if not 0.0 <= warmup_fraction < 1.0:
         raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
     workers = _resolve_workers(workers, data, device)
@@ -456,7 +449,7 @@ def compute_optimal(C, fit: dict | None = None) -> dict:
     approaches and its Chinchilla model (70B, 1.4T tokens) used; Besiroglu et al. (2024) traced the
     gap to the approach-3 fit itself, and their refit gives about 20.
     """
-    C = _positive_number("C", C)
+    C = positive_number("C", C)
     fit = CHINCHILLA_2022 if fit is None else fit
     if not isinstance(fit, dict):
         raise ValueError(f"fit must be a dict with A, B, alpha and beta, got {type(fit).__name__}")
@@ -464,7 +457,7 @@ def compute_optimal(C, fit: dict | None = None) -> dict:
     if missing:
         raise ValueError(f"fit lacks {missing}: expected L(N, D) = E + A/N^alpha + B/D^beta")
     for k in ("A", "B", "alpha", "beta"):
-        _positive_number(f"fit[{k!r}]", fit[k])
+        positive_number(f"fit[{k!r}]", fit[k])
     A, B, alpha, beta = (float(fit[k]) for k in ("A", "B", "alpha", "beta"))
     half = math.log(C / 6) / 2                          # N = D = sqrt(C/6) in the middle
 

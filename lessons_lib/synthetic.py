@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checks import is_int
+
 
 def copy_task(batch_size: int, n_copy: int, vocab_size: int, generator: torch.Generator | None = None):
     """Sequences ``x_1 .. x_n DELIM x_1 .. x_n``: after the delimiter the model must repeat the
@@ -180,7 +182,7 @@ def referent_sentences(n_train: int = 4000, n_heldout: int = 1000, seed: int = 0
     """
     for name, value in (("n_train", n_train), ("n_heldout", n_heldout), ("seed", seed),
                         ("n_animals", n_animals), ("n_objects", n_objects)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise ValueError(f"{name} must be an int, got {value!r}")
     if n_train < 1 or n_heldout < 1:
         raise ValueError(f"n_train and n_heldout must be >= 1, got {n_train} and {n_heldout}")

@@ -18,6 +18,7 @@ from pathlib import Path
 import regex
 
 from . import assets
+from .checks import is_int
 
 # GPT-2's pre-tokenization: contractions, words with an optional leading space, numbers,
 # punctuation runs, and whitespace (a run of spaces keeps its last space for the next word).
@@ -38,7 +39,7 @@ def _check_ids(ids) -> list[int]:
     if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
         raise ValueError(f"expected a list of integer ids, got {type(ids).__name__}")
     ids = list(ids)
-    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int)]
+    bad = [i for i in ids if not is_int(i)]
     if bad:
         raise ValueError(f"expected integer ids, got {bad[0]!r} of type {type(bad[0]).__name__}")
     return ids

@@ -18,14 +18,16 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .checks import eval_mode, positive_int, positive_number
 from .data import get_batch
-from .runtime import autocast, choose_device, choose_precision, threads_for, use_threads
+from .model import num_parameters
+from .runtime import autocast, choose_device, choose_precision, model_device, threads_for, use_threads
 
 
 @dataclass
@@ -49,18 +51,14 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "block_size", "eval_interval", "eval_batches"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
+            positive_int(f"TrainConfig.{name}", getattr(self, name))
+        positive_number("TrainConfig.lr", self.lr)
         if not 0 <= self.warmup_steps <= self.max_steps:
             raise ValueError(f"warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
-                                         or self.threads < 1):
-            raise ValueError(f"TrainConfig.threads must be a positive int or None, got {self.threads!r}")
+        if self.threads is not None:
+            positive_int("TrainConfig.threads", self.threads)
         if self.precision not in ("fp32", "bf16", "auto"):
             raise ValueError(f"TrainConfig.precision must be 'fp32', 'bf16' or 'auto', got {self.precision!r}")
 
@@ -131,26 +129,28 @@ def _batch_function(data, config: TrainConfig, device):
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, precision: str = "fp32") -> float:
-    """Mean loss over a fixed list of (inputs, targets) batches, in eval mode, in ``precision``
-    ("fp32" or "bf16")."""
-    was_training = model.training
-    model.eval()
+def evaluate(model, batches, device=None, precision: str = "fp32") -> float:
+    """Mean loss over a fixed list of (inputs, targets) batches, in eval mode (restored after,
+    also on an error), in ``precision`` ("fp32" or "bf16"), on ``device`` (default: the model's,
+    :func:`lessons_lib.runtime.model_device`)."""
+    batches = list(batches)
+    if not batches:
+        raise ValueError("evaluate needs at least one (inputs, targets) batch")
+    device = torch.device(device) if device is not None else model_device(model)
     losses = []
-    for x, y in batches:
-        with autocast(device, precision):
-            _, loss = model(x.to(device), y.to(device))
-        losses.append(loss.float().item())
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y in batches:
+            with autocast(device, precision):
+                _, loss = model(x.to(device), y.to(device))
+            losses.append(loss.float().item())
     return sum(losses) / len(losses)
 
 
-def train(model: torch.nn.Module, data, config: TrainConfig | None = None, history: History | None = None,
-          callback=None) -> History:
+def train(model: torch.nn.Module, data, config: TrainConfig | None = None, *, callback=None) -> History:
     """Train ``model`` in place for ``config.max_steps`` steps; return the history.
 
     ``callback(step, model, history)``, if given, runs after each evaluation (e.g. to sample
-    text during training). Pass a previous ``history`` to continue appending to it.
+    text during training).
     """
     config = config or TrainConfig()
     device = pick_device(config.device)
@@ -162,9 +162,8 @@ def train(model: torch.nn.Module, data, config: TrainConfig | None = None, histo
     eval_gen = torch.Generator().manual_seed(config.seed + 1)
     val_batches = [batch_fn("val", eval_gen) for _ in range(config.eval_batches)]
     train_eval_batches = [batch_fn("train", eval_gen) for _ in range(config.eval_batches)]
-    history = history or History()
-    history.precision = precision
-    threads = config.threads or threads_for(max(1, sum(p.numel() for p in model.parameters())))
+    history = History(precision=precision)
+    threads = config.threads or threads_for(max(1, num_parameters(model)))
     history.threads = threads
     with use_threads(threads):
         _train_loop(model, config, device, precision, batch_fn, train_gen, val_batches, train_eval_batches,
@@ -175,7 +174,6 @@ def train(model: torch.nn.Module, data, config: TrainConfig | None = None, histo
 def _train_loop(model, config, device, precision, batch_fn, train_gen, val_batches, train_eval_batches,
                 history, callback) -> None:
     optimizer = make_optimizer(model, config)
-    first_step = history.step[-1] + 1 if history.step else 0
 
     # redraw at most once a second: in Jupyter each redraw is a message to the front end
     bar = tqdm(range(config.max_steps), desc="training", disable=not config.progress, leave=False,
@@ -197,19 +195,19 @@ def _train_loop(model, config, device, precision, batch_fn, train_gen, val_batch
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"the loss became {loss_value} at step {i}; lower the learning rate")
-        history.step.append(first_step + i)
+        history.step.append(i)
         history.train_loss.append(loss_value)
         history.lr.append(lr)
         history.tokens += x.numel()
         if (i + 1) % config.eval_interval == 0 or i + 1 == config.max_steps:
             history.seconds += time.perf_counter() - start
-            history.eval_step.append(first_step + i)
+            history.eval_step.append(i)
             history.val_loss.append(evaluate(model, val_batches, device, precision))
             history.eval_train_loss.append(evaluate(model, train_eval_batches, device, precision))
             bar.set_postfix(train=f"{history.eval_train_loss[-1]:.3f}", val=f"{history.val_loss[-1]:.3f}",
                             refresh=False)
             if callback is not None:
-                callback(first_step + i, model, history)
+                callback(i, model, history)
             start = time.perf_counter()
         elif i % 10 == 0:
             bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
@@ -242,6 +240,3 @@ def load_checkpoint(model: torch.nn.Module, path) -> dict:
     model.load_state_dict(state)
     return metadata
 
-
-def config_dict(config) -> dict:
-    return asdict(config)

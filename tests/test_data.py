@@ -58,5 +58,7 @@ def test_get_batch_rejects_bad_input():
         get_batch(torch.zeros(10), 2, 2)
     with pytest.raises(ValueError, match="needs at least 9"):
         get_batch(torch.arange(8), 2, 8)
-    with pytest.raises(ValueError, match=">= 1"):
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
         get_batch(torch.arange(8), 0, 2)
+    with pytest.raises(ValueError, match="block_size must be a positive int"):
+        get_batch(torch.arange(8), 2, 0)

@@ -139,7 +139,9 @@ def test_cached_logits_equal_full_forward():
 def test_generate_errors():
     model = tiny_model()
     for kwargs, match in [({"temperature": 0}, "temperature"), ({"top_k": 0}, "top_k"),
-                          ({"top_p": 1.5}, "top_p"), ({"top_p": 0.0}, "top_p")]:
+                          ({"top_p": 1.5}, "top_p"), ({"top_p": -0.1}, "top_p"),
+                          ({"temperature": -1.0}, "temperature"),
+                          ({"temperature": float("nan")}, "temperature")]:
         with pytest.raises(ValueError, match=match):
             generate(model, torch.tensor([1]), 3, **kwargs)
     with pytest.raises(ValueError, match="max_new_tokens"):
@@ -148,6 +150,14 @@ def test_generate_errors():
         generate(model, torch.zeros(2, 0, dtype=torch.long), 3)
     with pytest.raises(ValueError, match="integer token ids"):
         generate(model, torch.tensor([1.0]), 3)
+
+
+def test_top_p_zero_generates_like_greedy():
+    """top_p=0 keeps only the most likely token, so sampling with it is the argmax."""
+    model = tiny_model()
+    prompt = torch.tensor([1, 2, 3])
+    sampled = generate(model, prompt, 12, top_p=0.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, generate(model, prompt, 12, greedy=True))
 
 
 def test_bf16_evaluation_is_close_to_fp32():

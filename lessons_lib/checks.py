@@ -1,0 +1,88 @@
+"""The argument checks lessons_lib shares: one wording for each mistake.
+
+* :func:`positive_int`, :func:`non_negative_int` -- an ``int`` (not a ``bool``) >= 1 or >= 0;
+* :func:`positive_number` -- a finite real number > 0;
+* :func:`token_ids` -- an integer tensor of token ids: its type, dtype, number of dimensions
+  and, given a vocabulary size, its range;
+* :func:`eval_mode` -- run a block with a model in eval mode, then put it back in the mode it
+  was in, even if the block raises.
+
+Each check raises ``ValueError`` with a message that names the argument and shows what it got.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from numbers import Real
+
+import torch
+
+__all__ = ["is_int", "positive_int", "non_negative_int", "positive_number", "is_integer_dtype",
+           "token_ids", "eval_mode"]
+
+
+def is_int(value) -> bool:
+    """True for an ``int`` that is not a ``bool`` (``True`` is an int to Python, not to us)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def positive_int(name: str, value) -> int:
+    """``value`` if it is an int >= 1, else ``ValueError("<name> must be a positive int, ...")``."""
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def non_negative_int(name: str, value) -> int:
+    """``value`` if it is an int >= 0, else ``ValueError("<name> must be a non-negative int, ...")``."""
+    if not is_int(value) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return value
+
+
+def positive_number(name: str, value) -> float:
+    """``float(value)`` if it is a finite real number > 0 (not a bool), else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive, finite number, got {value!r}")
+    return float(value)
+
+
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    """True for torch's integer dtypes (uint8 ... int64); False for bool, floats and complex."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _describe(x) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def token_ids(ids, name: str = "idx", *, ndim: int | None = 2, shape: str = "(batch, T)",
+              vocab_size: int | None = None) -> torch.Tensor:
+    """Check that ``ids`` is a tensor of token ids and return it unchanged.
+
+    ``ndim``: the number of dimensions it must have (None: any), described as ``shape`` in the
+    message, e.g. "(batch, T)" or "1-D". Any integer dtype passes (uint8 ... int64); bool, float
+    and complex do not. With ``vocab_size`` every id must lie in ``0 .. vocab_size - 1``.
+    """
+    if not isinstance(ids, torch.Tensor) or (ndim is not None and ids.dim() != ndim):
+        raise ValueError(f"{name} must be a {shape} tensor of token ids, got {_describe(ids)}")
+    if not is_integer_dtype(ids.dtype):
+        raise ValueError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    if vocab_size is not None and ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"{name} must lie in 0..{vocab_size - 1}, got ids from {lo} to {hi}")
+    return ids
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """``with eval_mode(model): ...`` runs the block in eval mode (no dropout) and then restores
+    the mode the model was in, also when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -1,0 +1,84 @@
+"""lessons_lib.checks: the argument checks every module shares, and their messages."""
+
+import math
+
+import pytest
+import torch
+
+from lessons_lib.checks import (eval_mode, is_int, is_integer_dtype, non_negative_int,
+                                positive_int, positive_number, token_ids)
+
+INTEGER_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
+OTHER_DTYPES = [torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                torch.complex64]
+
+
+def test_is_int_refuses_bools_and_floats():
+    assert is_int(0) and is_int(-3) and is_int(10**30)
+    assert not any(is_int(v) for v in (True, False, 1.0, "1", None, torch.tensor(1)))
+
+
+@pytest.mark.parametrize("value", [1, 2, 10**12])
+def test_positive_int_returns_the_value(value):
+    assert positive_int("n", value) == value
+
+
+@pytest.mark.parametrize("value", [0, -1, True, 1.0, "1", None, 2.5])
+def test_positive_int_message(value):
+    with pytest.raises(ValueError, match=rf"^n_head must be a positive int, got {value!r}$".replace("(", r"\(")):
+        positive_int("n_head", value)
+
+
+def test_non_negative_int():
+    assert non_negative_int("start", 0) == 0 and non_negative_int("start", 7) == 7
+    for value in (-1, False, 0.0, "0"):
+        with pytest.raises(ValueError, match="start must be a non-negative int"):
+            non_negative_int("start", value)
+
+
+def test_positive_number():
+    assert positive_number("lr", 3) == 3.0 and isinstance(positive_number("lr", 3), float)
+    assert positive_number("lr", 1e-300) == 1e-300
+    for value in (0, -1.0, math.nan, math.inf, True, "1", None):
+        with pytest.raises(ValueError, match="lr must be a positive, finite number"):
+            positive_number("lr", value)
+
+
+@pytest.mark.parametrize("dtype", INTEGER_DTYPES)
+def test_every_integer_dtype_is_token_ids(dtype):
+    ids = torch.tensor([[0, 1, 2]], dtype=dtype)
+    assert is_integer_dtype(dtype)
+    assert token_ids(ids, vocab_size=3) is ids
+
+
+@pytest.mark.parametrize("dtype", OTHER_DTYPES)
+def test_other_dtypes_are_not_token_ids(dtype):
+    assert not is_integer_dtype(dtype)
+    with pytest.raises(ValueError, match=f"idx must hold integer token ids, got dtype {dtype}"):
+        token_ids(torch.zeros(1, 3, dtype=dtype))
+
+
+def test_token_ids_shape_and_range_messages():
+    with pytest.raises(ValueError, match=r"idx must be a \(batch, T\) tensor of token ids, got shape \(3,\)"):
+        token_ids(torch.arange(3))
+    with pytest.raises(ValueError, match="ids must be a 1-D tensor of token ids, got list"):
+        token_ids([0, 1], "ids", ndim=1, shape="1-D")
+    with pytest.raises(ValueError, match=r"targets must lie in 0\.\.4, got ids from -1 to 2"):
+        token_ids(torch.tensor([[-1, 2]]), "targets", vocab_size=5)
+    with pytest.raises(ValueError, match=r"idx must lie in 0\.\.4, got ids from 0 to 5"):
+        token_ids(torch.tensor([[0, 5]]), vocab_size=5)
+    # any number of dimensions with ndim=None; an empty tensor has no ids out of range
+    token_ids(torch.zeros(2, 3, 4, dtype=torch.long), ndim=None, vocab_size=1)
+    token_ids(torch.zeros(2, 0, dtype=torch.long), vocab_size=1)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_eval_mode_restores_the_mode_even_after_an_error(training):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)).train(training)
+    with eval_mode(model) as inside:
+        assert inside is model and not model.training and not model[1].training
+    assert model.training is training and model[1].training is training
+    with pytest.raises(RuntimeError, match="boom"):
+        with eval_mode(model):
+            raise RuntimeError("boom")
+    assert model.training is training and model[1].training is training
