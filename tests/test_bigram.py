@@ -145,6 +145,7 @@ def test_model_with_log_count_weights_has_the_count_models_loss():
     assert torch.allclose(model.probs(), probs, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_training_the_model_reaches_the_count_model():
     # a Markov chain with a known table; gradient descent on cross-entropy should find it
     torch.manual_seed(0)

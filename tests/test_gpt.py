@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from lessons_lib.model import GPT, GPTConfig, count_parameters
 
@@ -48,10 +47,11 @@ def test_formula_equals_counting_a_model_on_the_meta_device(config):
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    hf_config = GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+    hf_config = transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4,
                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    hf = GPT2LMHeadModel(hf_config).eval()
+    hf = transformers.GPT2LMHeadModel(hf_config).eval()
     with torch.no_grad():               # random biases and norms too, so that no weight goes unchecked
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -60,6 +60,7 @@ def hf_folder(tmp_path_factory):
     return folder, hf
 
 
+@pytest.mark.slow
 def test_logits_and_greedy_tokens_match_hugging_face(hf_folder):
     folder, hf = hf_folder
     ours = GPT.from_hf_gpt2(folder).eval()

@@ -41,6 +41,7 @@ def test_block_equals_its_formula():
     torch.testing.assert_close(b(x), want)
 
 
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None)
 @given(T=st.integers(2, 10), data=st.data(), seed=st.integers(0, 2**31 - 1))
 def test_block_is_causal(T, data, seed):

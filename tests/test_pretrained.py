@@ -163,6 +163,7 @@ def counted_training(monkeypatch, tmp_path):
     return calls
 
 
+@pytest.mark.slow
 def test_first_call_trains_and_the_second_loads_from_the_cache(counted_training):
     model, tokenizer, report = shakespeare_char(TINY_RECIPE, progress=False)
     assert len(counted_training) == 1 and not report.from_cache
@@ -178,6 +179,7 @@ def test_first_call_trains_and_the_second_loads_from_the_cache(counted_training)
     assert cached.history == report.history
 
 
+@pytest.mark.slow
 def test_the_report_holds_the_recipe_the_exact_val_loss_and_the_time(counted_training):
     model, tokenizer, report = shakespeare_char(TINY_RECIPE, progress=False)
     _, _, val_ids = shakespeare_data()
@@ -194,6 +196,7 @@ def test_the_report_holds_the_recipe_the_exact_val_loss_and_the_time(counted_tra
     assert not model.training
 
 
+@pytest.mark.slow
 def test_retrain_trains_again_and_gives_the_same_weights(counted_training):
     model, _, _ = shakespeare_char(TINY_RECIPE, progress=False)
     again, _, report = shakespeare_char(TINY_RECIPE, retrain=True, progress=False)
@@ -202,6 +205,7 @@ def test_retrain_trains_again_and_gives_the_same_weights(counted_training):
         assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_a_changed_recipe_trains_a_new_model(counted_training):
     shakespeare_char(TINY_RECIPE, progress=False)
     other = replace(TINY_RECIPE, lr=2e-3)
@@ -210,6 +214,7 @@ def test_a_changed_recipe_trains_a_new_model(counted_training):
     assert cache_path(other) != cache_path(TINY_RECIPE) and cache_path(other).exists()
 
 
+@pytest.mark.slow
 def test_a_damaged_cache_file_is_replaced(counted_training):
     path = cache_path(TINY_RECIPE)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -220,6 +225,7 @@ def test_a_damaged_cache_file_is_replaced(counted_training):
     assert len(counted_training) == 1 and cached.from_cache
 
 
+@pytest.mark.slow
 def test_the_callback_sees_each_evaluation(counted_training):
     seen = []
     shakespeare_char(TINY_RECIPE, retrain=True, progress=False,
@@ -227,6 +233,7 @@ def test_the_callback_sees_each_evaluation(counted_training):
     assert seen == [(2, 1), (5, 2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("forced", ["fp32", "bf16"])
 def test_the_override_decides_what_an_auto_recipe_trains_in(counted_training, monkeypatch, forced):
     monkeypatch.setenv("LESSONS_LIB_PRECISION", forced)

@@ -105,6 +105,7 @@ def test_gpt3_175b_on_300b_tokens_costs_what_its_paper_says():
 
 # -- power-law fits ------------------------------------------------------------------------
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None)
 @given(E=st.floats(0.5, 3.0), ratio=st.floats(0.5, 5.0), alpha=st.floats(0.1, 0.8),
        lo=st.floats(2.0, 5.0), decades=st.floats(2.0, 4.0), n=st.integers(5, 12))
@@ -193,8 +194,6 @@ def test_rounded_chinchilla_constants_overshoot_20_tokens_per_parameter():
     refit = compute_optimal(gopher, BESIROGLU_2024)
     assert 85 < rounded["tokens_per_param"] < 100 and 25e9 < rounded["N"] < 40e9
     assert 15 < refit["tokens_per_param"] < 25 and 60e9 < refit["N"] < 80e9
-    # Chinchilla itself: 70B parameters on 1.4T tokens used Gopher's budget, 20 tokens each
-    assert 6 * 70e9 * 1.4e12 == pytest.approx(gopher, rel=0.03)
     assert KAPLAN_2020["alpha_N"] == 0.076
 
 
@@ -255,6 +254,7 @@ def test_sweep_cache_reuses_runs_but_never_across_data(one_thread):
     assert len(cache) == 4                                      # new data, new run
 
 
+@pytest.mark.slow
 def test_sweep_in_worker_processes_gives_the_same_table(one_thread):
     kwargs = dict(batch_size=4, block_size=16, lr=1e-2, eval_batches=2, progress=False)
     configs = SMALL + SMALL[:1]                                  # a repeated run is trained once

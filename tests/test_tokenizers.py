@@ -34,6 +34,7 @@ def gpt2():
 
 @pytest.fixture(scope="module")
 def reference():
+    pytest.importorskip("tiktoken")
     return tiktoken_gpt2()
 
 
@@ -94,8 +95,15 @@ def naive_bpe_merges(text, vocab_size, pattern):
     return merges
 
 
-@pytest.mark.parametrize("text", [load_shakespeare()[:30_000], "aaaa aaaa aaab ab ab ab ba " * 20, VARIED[5] * 3])
-def test_incremental_training_equals_naive_bpe(text):
+TRAINING_TEXTS = {"shakespeare": lambda: load_shakespeare()[:30_000],    # loaded in the test
+                  "repeats": lambda: "aaaa aaaa aaab ab ab ab ba " * 20,
+                  "scripts": lambda: VARIED[5] * 3}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TRAINING_TEXTS)
+def test_incremental_training_equals_naive_bpe(name):
+    text = TRAINING_TEXTS[name]()
     fast = BPETokenizer().train(text, 400)
     assert fast.merges == naive_bpe_merges(text, 400, fast.pattern)
 
@@ -170,6 +178,7 @@ def test_gpt2_equals_tiktoken_on_varied_text(gpt2, reference, text):
     assert gpt2.encode(text) == reference.encode(text)
 
 
+@pytest.mark.slow
 def test_gpt2_equals_tiktoken_on_a_large_corpus(gpt2, reference):
     sources = [p.read_text() for p in sorted(Path(lessons_lib.__file__).parent.rglob("*.py"))]
     sources += [p.read_text() for p in sorted(Path(torch.__file__).parent.joinpath("nn", "modules").glob("*.py"))[:20]]

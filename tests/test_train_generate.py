@@ -32,6 +32,7 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert lrs[-1] == pytest.approx(1e-4, rel=0.01)
 
 
+@pytest.mark.slow
 def test_training_learns_a_repeating_pattern_and_is_deterministic():
     cfg = TrainConfig(max_steps=100, batch_size=8, block_size=16, lr=3e-3, warmup_steps=5,
                       eval_interval=50, eval_batches=2, progress=False)
@@ -105,6 +106,7 @@ def test_sampling_follows_the_distribution():
     assert sample_next(logits[:2], greedy=True).tolist() == [[0], [0]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompt_len, new", [(1, 10), (5, 11), (16, 4), (3, 40)])
 def test_cache_gives_the_same_greedy_tokens(prompt_len, new):
     model = tiny_model()
@@ -115,6 +117,7 @@ def test_cache_gives_the_same_greedy_tokens(prompt_len, new):
     assert torch.equal(cached[:, :prompt_len], prompt)
 
 
+@pytest.mark.slow
 def test_cache_gives_the_same_samples_for_the_same_generator():
     model = tiny_model()
     prompt = torch.tensor([1, 2, 3])
