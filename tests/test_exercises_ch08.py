@@ -7,56 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import minimize_scalar
+from scipy.optimize import least_squares, minimize_scalar
 
 from lessons_lib.exercises import CheckFailed
-from lessons_lib.exercises.ch08 import (check_chinchilla_rule, check_loglog_fit, check_optimal_size,
-                                        check_training_flops)
-from lessons_lib.scaling import compute_optimal
-
-# -----------------------------------------------------------------------------
-# training FLOPs
-
-
-def flops_right(n_layer, d_model, tokens):
-    return 6 * 12 * n_layer * d_model ** 2 * tokens
-
-
-def test_flops_accepts_a_correct_answer(capsys):
-    check_training_flops(flops_right)
-    assert "all 4 checks passed" in capsys.readouterr().out
-
-
-def test_flops_accepts_a_tensor_result():
-    check_training_flops(lambda L, d, D: torch.tensor(float(flops_right(L, d, D)), dtype=torch.float64))
-
-
-def test_flops_rejects_the_forward_pass_only():
-    with pytest.raises(CheckFailed, match="forward pass only"):
-        check_training_flops(lambda L, d, D: 2 * 12 * L * d ** 2 * D)
-
-
-def test_flops_rejects_d_not_squared():
-    with pytest.raises(CheckFailed, match="square d_model"):
-        check_training_flops(lambda L, d, D: 6 * 12 * L * d * D)
-
-
-def test_flops_rejects_a_missing_layer_count():
-    with pytest.raises(CheckFailed, match="multiply by n_layer"):
-        check_training_flops(lambda L, d, D: 6 * 12 * d ** 2 * D)
-
-
-def test_flops_rejects_attention_without_the_mlp():
-    with pytest.raises(CheckFailed, match="without the MLP"):
-        check_training_flops(lambda L, d, D: 6 * 4 * L * d ** 2 * D)
-
-
-def test_flops_reports_a_stub():
-    def stub(L, d, D):
-        raise NotImplementedError
-    with pytest.raises(CheckFailed, match="raised NotImplementedError"):
-        check_training_flops(stub)
-
+from lessons_lib.exercises.ch08 import (_surface_reference, check_compute_frontier, check_loglog_fit,
+                                        check_loss_surface, check_optimal_size, exercise_inputs)
+from lessons_lib.scaling import CHINCHILLA_2022, compute_optimal, fit_loss_surface
 
 # -----------------------------------------------------------------------------
 # a line in log-log axes
@@ -104,46 +60,172 @@ def test_loglog_rejects_a_single_number():
 
 
 # -----------------------------------------------------------------------------
-# Chinchilla's rule of thumb
+# the compute-efficient frontier
 
 
-def rule_right(C, tokens_per_param=20):
-    N = math.sqrt(C / (6 * tokens_per_param))
-    return N, tokens_per_param * N
+def frontier_right(C, loss):
+    best, on = math.inf, []
+    for i in sorted(range(len(C)), key=lambda i: C[i]):
+        if loss[i] < best:
+            on.append(i)
+            best = loss[i]
+    return on
 
 
-def test_rule_accepts_a_correct_answer(capsys):
-    check_chinchilla_rule(rule_right)
+def test_frontier_accepts_a_correct_answer(capsys):
+    check_compute_frontier(frontier_right)
     assert "all 4 checks passed" in capsys.readouterr().out
 
 
-def test_rule_gives_chinchilla_about_70b_on_1_4t():
-    N, D = rule_right(5.88e23)
-    assert 69e9 < N < 71e9 and 1.38e12 < D < 1.42e12
+def test_frontier_accepts_numpy_and_tensor_results():
+    check_compute_frontier(lambda C, loss: np.array(frontier_right(C, loss)))
+    check_compute_frontier(lambda C, loss: torch.tensor(frontier_right(C, loss)))
 
 
-def test_rule_rejects_a_missing_square_root():
-    with pytest.raises(CheckFailed, match="square root"):
-        check_chinchilla_rule(lambda C, tokens_per_param=20: (C / (6 * tokens_per_param),
-                                                              C / 6 / (C / (6 * tokens_per_param))))
+def test_frontier_rejects_a_scan_in_the_given_order():
+    def unsorted(C, loss):
+        best, on = math.inf, []
+        for i in range(len(C)):
+            if loss[i] < best:
+                on.append(i)
+                best = loss[i]
+        return on
+    with pytest.raises(CheckFailed, match="sort by compute first"):
+        check_compute_frontier(unsorted)
 
 
-def test_rule_rejects_a_forgotten_six():
-    def no_six(C, tokens_per_param=20):
-        N = math.sqrt(C / tokens_per_param)
-        return N, tokens_per_param * N
-    with pytest.raises(CheckFailed, match="forgot the 6"):
-        check_chinchilla_rule(no_six)
+def test_frontier_rejects_positions_in_the_sorted_order():
+    def positions(C, loss):
+        order = sorted(range(len(C)), key=lambda i: C[i])
+        return [order.index(i) for i in frontier_right(C, loss)]
+    with pytest.raises(CheckFailed, match="positions in the runs sorted"):
+        check_compute_frontier(positions)
 
 
-def test_rule_rejects_swapped_outputs():
+def test_frontier_rejects_a_comparison_with_the_previous_run_only():
+    def previous(C, loss):
+        order = sorted(range(len(C)), key=lambda i: C[i])
+        return [i for k, i in enumerate(order) if k == 0 or loss[i] < loss[order[k - 1]]]
+    with pytest.raises(CheckFailed, match="best so far"):
+        check_compute_frontier(previous)
+
+
+def test_frontier_rejects_a_mask():
+    def mask(C, loss):
+        m = np.zeros(len(C), dtype=bool)
+        m[frontier_right(C, loss)] = True
+        return m
+    with pytest.raises(CheckFailed, match="boolean mask"):
+        check_compute_frontier(mask)
+
+
+def test_frontier_rejects_the_wrong_order():
+    with pytest.raises(CheckFailed, match="wrong order"):
+        check_compute_frontier(lambda C, loss: frontier_right(C, loss)[::-1])
+
+
+def test_frontier_names_a_run_that_is_beaten():
+    with pytest.raises(CheckFailed, match="is not on the frontier") as info:
+        check_compute_frontier(lambda C, loss: sorted(range(len(C)), key=lambda i: C[i]))
+    assert "exercise_inputs('compute_frontier', 1)" in str(info.value)
+
+
+def test_frontier_keeps_the_learners_traceback():
+    def broken(C, loss):
+        return C.argsort()            # lists have no argsort
+    with pytest.raises(CheckFailed, match="raised AttributeError") as info:
+        check_compute_frontier(broken)
+    assert isinstance(info.value.__cause__, AttributeError)
+
+
+# -----------------------------------------------------------------------------
+# the loss surface L(N, D)
+
+
+def surface_right(N, D, loss):
+    logN, logD, logL = np.log(N), np.log(D), np.log(loss)
+
+    def residuals(p):
+        E, a, b, alpha, beta = p
+        return np.log(E + np.exp(a - alpha * logN) + np.exp(b - beta * logD)) - logL
+
+    bounds = ([0, -np.inf, -np.inf, 0, 0], [loss.min(), np.inf, np.inf, 5, 5])
+    best = None
+    for alpha in (0.1, 0.3, 0.6):
+        for beta in (0.1, 0.3, 0.6):
+            start = [loss.min() / 2, alpha * logN.mean(), beta * logD.mean(), alpha, beta]
+            result = least_squares(residuals, start, bounds=bounds)
+            if best is None or result.cost < best.cost:
+                best = result
+    E, a, b, alpha, beta = best.x
+    return {"E": E, "A": np.exp(a), "B": np.exp(b), "alpha": alpha, "beta": beta}
+
+
+def test_surface_accepts_a_correct_answer(capsys):
+    check_loss_surface(surface_right)
+    assert "all 3 checks passed" in capsys.readouterr().out
+
+
+def test_surface_accepts_the_librarys_fit():
+    check_loss_surface(fit_loss_surface)
+
+
+def test_surface_reference_recovers_the_published_constants():
+    N, D, loss = exercise_inputs("loss_surface", 1)
+    fit = _surface_reference(N, D, loss)
+    for key, value in CHINCHILLA_2022.items():
+        assert math.isclose(fit[key], value, rel_tol=1e-6)
+
+
+def test_surface_rejects_a_single_start():
+    def one_start(N, D, loss):
+        def residuals(p):
+            E, A, B, alpha, beta = p
+            return np.log(E + A * N ** -alpha + B * D ** -beta) - np.log(loss)
+        E, A, B, alpha, beta = least_squares(residuals, [1.0, 1.0, 1.0, 0.5, 0.5]).x
+        return {"E": E, "A": A, "B": B, "alpha": alpha, "beta": beta}
+    with pytest.raises(CheckFailed, match="worse than it could be") as info:
+        check_loss_surface(one_start)
+    assert "exercise_inputs('loss_surface', 2)" in str(info.value)
+
+
+def test_surface_rejects_swapped_terms():
+    def swapped(N, D, loss):
+        f = surface_right(N, D, loss)
+        return {"E": f["E"], "A": f["B"], "B": f["A"], "alpha": f["beta"], "beta": f["alpha"]}
     with pytest.raises(CheckFailed, match="swapped"):
-        check_chinchilla_rule(lambda C, tokens_per_param=20: rule_right(C, tokens_per_param)[::-1])
+        check_loss_surface(swapped)
 
 
-def test_rule_rejects_a_hard_coded_ratio():
-    with pytest.raises(CheckFailed, match="expected N"):
-        check_chinchilla_rule(lambda C, tokens_per_param=20: rule_right(C, 20))
+def test_surface_rejects_log_a():
+    def logs(N, D, loss):
+        f = surface_right(N, D, loss)
+        return {**f, "A": math.log(f["A"]), "B": math.log(f["B"])}
+    with pytest.raises(CheckFailed, match="log A"):
+        check_loss_surface(logs)
+
+
+def test_surface_rejects_a_fit_without_the_data_term():
+    def size_only(N, D, loss):
+        fit = fit_loss_surface(N, D, loss)
+        return {**fit, "B": 1e-12}
+    with pytest.raises(CheckFailed, match="worse than it could be"):
+        check_loss_surface(size_only)
+
+
+def test_surface_rejects_missing_keys():
+    with pytest.raises(CheckFailed, match="lacks"):
+        check_loss_surface(lambda N, D, loss: {"E": 1.0, "A": 1.0, "alpha": 0.3})
+
+
+def test_exercise_inputs_rebuilds_the_cases():
+    x, loss = exercise_inputs("loglog_fit", 3)
+    again, _ = exercise_inputs("loglog_fit", 3)
+    assert torch.equal(x, again) and x.dtype == torch.float64
+    with pytest.raises(ValueError, match="from 1 to 3"):
+        exercise_inputs("loss_surface", 4)
+    with pytest.raises(ValueError, match="name must be one of"):
+        exercise_inputs("nothing", 1)
 
 
 # -----------------------------------------------------------------------------
@@ -190,8 +272,12 @@ def test_optimal_rejects_swapped_terms():
 
 
 def test_optimal_rejects_the_20_tokens_rule():
-    with pytest.raises(CheckFailed, match="expected N"):
-        check_optimal_size(lambda C, fit: rule_right(C))
+    def rule(C, fit):
+        N = math.sqrt(C / 120)
+        return N, 20 * N
+    with pytest.raises(CheckFailed, match="expected N") as info:
+        check_optimal_size(rule)
+    assert "Inputs: (" in str(info.value)          # small inputs are printed
 
 
 def test_optimal_rejects_an_answer_that_overspends():

@@ -2,8 +2,17 @@
 
 Each ``check_<name>(fn)`` runs the learner's ``fn`` on cases the learner does not see, compares
 with an answer computed here, and on a wrong answer says which input failed, what was expected,
-what came back and, where it can tell, which slip it looks like (forward-only FLOPs, a fit in
-linear instead of log space, a forgotten square root, ``C`` where ``C / 6`` belongs).
+what came back and, where it can tell, which slip it looks like (a fit in linear instead of log
+space, runs scanned in the wrong order, swapped terms, ``C`` where ``C / 6`` belongs).
+
+The references are written here, independently of :mod:`lessons_lib.scaling`: a least-squares
+line for the log-log fit, a direct pairwise comparison for the frontier, a variable-projection
+search (exponents on a grid, the linear coefficients by least squares) refined in log space for
+the loss surface, and the closed form of Hoffmann et al.'s eq. 4 for the optimal size. Only the
+published constants come from :mod:`lessons_lib.scaling`, where they are defined once.
+
+Every case can be rebuilt by hand: ``exercise_inputs(name, k)`` returns the arguments of case
+``k`` (counted from 1) of checker ``name``, and a failing case prints that line.
 """
 
 from __future__ import annotations
@@ -12,95 +21,71 @@ import math
 
 import numpy as np
 import torch
+from scipy.optimize import least_squares
 
-from ._core import Case, CheckFailed, _short, compare_close, compare_equal, run_cases  # noqa: F401
+from ..scaling import BESIROGLU_2024, CHINCHILLA_2022
+from ._core import Case, _short, as_number, generator, run_cases
 
 __all__ = [
-    "check_training_flops",
     "check_loglog_fit",
-    "check_chinchilla_rule",
+    "check_compute_frontier",
+    "check_loss_surface",
     "check_optimal_size",
 ]
 
 
-# -----------------------------------------------------------------------------
-# helpers
-
-
-def _number(got) -> tuple[float | None, str | None]:
-    if isinstance(got, torch.Tensor) and got.numel() == 1:
-        return float(got.detach().reshape(())), None
-    if isinstance(got, np.ndarray) and got.size == 1:
-        return float(got.reshape(())), None
-    if isinstance(got, bool) or not isinstance(got, (int, float, np.integer, np.floating)):
-        return None, f"expected a single number, got {_short(got)}"
-    value = float(got)
-    if not math.isfinite(value):
-        return None, f"expected a finite number, got {value}"
-    return value, None
-
-
 def _pair(got, names: tuple[str, str]) -> tuple[tuple[float, float] | None, str | None]:
+    """Two finite numbers out of a tuple or list, or a message that says what came instead."""
     if not isinstance(got, (tuple, list)) or len(got) != 2:
         return None, f"expected a pair ({names[0]}, {names[1]}), got {_short(got)}"
     values = []
     for name, item in zip(names, got):
-        value, problem = _number(item)
+        value, problem = as_number(item, f"a single number for {name}")
         if problem:
             return None, f"{name}: {problem}"
         values.append(value)
     return (values[0], values[1]), None
 
 
-def _close(a: float, b: float, rtol: float) -> bool:
-    return math.isclose(a, b, rel_tol=rtol, abs_tol=0.0)
+def _rebuild(name: str, k: int, targets: str) -> str:
+    return (f"from lessons_lib.exercises.ch08 import exercise_inputs; "
+            f"{targets} = exercise_inputs({name!r}, {k})")
+
+
+# One run of this chapter's sweeps at SCALE = 1 (all parameters, tokens, validation loss), kept
+# here so that a checker can try the learner's code on data like theirs.
+_CHAPTER_RUNS = [
+    (1912, 399872, 2.575), (5360, 399872, 2.364), (17568, 399872, 2.308),
+    (29568, 399872, 2.290), (62784, 399872, 2.241), (108288, 399872, 2.176),
+    (29568, 57344, 2.905), (29568, 114176, 2.575), (29568, 228352, 2.396),
+    (29568, 849408, 2.023), (8640, 1369088, 2.189), (17568, 673280, 2.149),
+    (62784, 188416, 2.472), (17568, 1429504, 2.070), (108288, 231936, 2.363),
+]
+
+
+def _chapter_runs():
+    N, D, L = (np.array(column, dtype=np.float64) for column in zip(*_CHAPTER_RUNS))
+    return N, D, L
 
 
 # -----------------------------------------------------------------------------
-# exercise 1: training FLOPs from a configuration
+# exercise 1: a straight line in log-log axes, by hand
 
 
-def _flops(n_layer, d_model, tokens):
-    return 6 * 12 * n_layer * d_model ** 2 * tokens
-
-
-def _compare_flops(n_layer, d_model, tokens):
-    def compare(got, expected) -> str | None:
-        value, problem = _number(got)
-        if problem:
-            return problem
-        if _close(value, expected, 1e-6):
-            return None
-        N = 12 * n_layer * d_model ** 2
-        if _close(value, 2 * N * tokens, 1e-6):
-            return (f"expected {expected:.4g}, got {value:.4g}, a third of it. Either that is 2 N D, the "
-                    f"forward pass only (the backward pass costs about twice the forward: a gradient for "
-                    f"the inputs and one for the weights, so training is 6 N D), or N counts attention's "
-                    f"4 d^2 per layer without the MLP's 8 d^2 (d -> 4d -> d)")
-        if _close(value, 6 * 12 * d_model ** 2 * tokens, 1e-6) and n_layer != 1:
-            return f"expected {expected:.4g}, got {value:.4g}: that is one layer's worth; multiply by n_layer"
-        if _close(value, 6 * 12 * n_layer * d_model * tokens, 1e-6):
-            return f"expected {expected:.4g}, got {value:.4g}: square d_model (a d x d matrix has d^2 weights)"
-        return f"expected about {expected:.6g}, got {value:.6g}"
-    return compare
-
-
-def check_training_flops(fn) -> None:
-    """Grade ``fn(n_layer, d_model, tokens) -> float``: the training FLOPs ``6 N D`` with
-    Kaplan's approximation ``N = 12 n_layer d_model**2`` for the non-embedding parameters."""
-    __tracebackhide__ = True
-    shapes = [(1, 16, 1000, "a one-layer model 16 wide on 1,000 tokens"),
-              (4, 64, 2_000_000, "4 layers 64 wide on 2 million tokens"),
-              (12, 768, 300e9, "GPT-2 small's shape on 300 billion tokens"),
-              (96, 12288, 300e9, "GPT-3 175B on its 300 billion tokens")]
-    cases = [Case(desc, args=(L, d, D), expected=_flops(L, d, D), compare=_compare_flops(L, d, D),
-                  hint="each parameter does one multiply-add (2 FLOPs) per token forward and two backward")
-             for L, d, D, desc in shapes]
-    run_cases("check_training_flops", fn, cases)
-
-
-# -----------------------------------------------------------------------------
-# exercise 2: a straight line in log-log axes, by hand
+def _loglog_inputs():
+    noise = torch.randn(12, generator=generator(8), dtype=torch.float64)
+    x12 = torch.logspace(6, 9, 12, dtype=torch.float64)
+    x7 = torch.tensor(np.geomspace(3e3, 2e5, 7))
+    x3 = torch.tensor([1e3, 1e4, 1e5], dtype=torch.float64)
+    x4 = torch.tensor([10.0, 20.0, 40.0, 80.0], dtype=torch.float64)
+    return [
+        ((x3, 5.0 * x3 ** -0.1), "three points on an exact power law, alpha = 0.1"),
+        ((x7, 2.0 + 40 * x7 ** -0.4), "seven model sizes whose losses bend towards a floor"),
+        ((x12, 9.0 * x12 ** -0.076 * torch.exp(0.01 * noise)),
+         "noisy losses (seeded), Kaplan's slope"),
+        ((x4, torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=torch.float64)),
+         "losses that grow with x (alpha is then negative)"),
+    ]
 
 
 def _loglog_reference(x, y):
@@ -111,32 +96,37 @@ def _loglog_reference(x, y):
 
 
 def _compare_loglog(x, y):
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+
+    def close(a, b):
+        return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
+
     def compare(got, expected) -> str | None:
         pair, problem = _pair(got, ("alpha", "A"))
         if problem:
             return problem
         alpha, A = pair
         e_alpha, e_A = expected
-        if _close(alpha, -e_alpha, 1e-6) and abs(e_alpha) > 1e-9:
-            return (f"expected alpha = {e_alpha:.6g}, got {alpha:.6g}: the sign is flipped. L = A / x^alpha "
-                    f"falls with x, so alpha is minus the slope of log L against log x")
-        lx, ly = np.log10(np.asarray(x, dtype=np.float64)), np.log10(np.asarray(y, dtype=np.float64))
-        slope10, icept10 = np.polyfit(lx, ly, 1)
-        if _close(alpha, e_alpha, 1e-6) and _close(A, icept10, 1e-6):
-            return (f"alpha is right, but A = {A:.6g} is the intercept itself; A is e**intercept "
-                    f"(or 10**intercept if you used log10), expected {e_A:.6g}")
-        if _close(alpha, e_alpha, 1e-6) and _close(A, math.log(e_A), 1e-6):
+        if close(alpha, e_alpha) and close(A, e_A):
+            return None
+        if close(alpha, -e_alpha) and abs(e_alpha) > 1e-9:
+            return (f"expected alpha = {e_alpha:.6g}, got {alpha:.6g}: the sign is flipped. "
+                    f"L = A / x^alpha falls with x, so alpha is minus the slope of log L "
+                    f"against log x")
+        icept10 = np.polyfit(np.log10(x), np.log10(y), 1)[1]
+        if close(alpha, e_alpha) and close(A, icept10):
+            return (f"alpha is right, but A = {A:.6g} is the intercept itself; A is "
+                    f"e**intercept (or 10**intercept if you used log10), expected {e_A:.6g}")
+        if close(alpha, e_alpha) and close(A, math.log(e_A)):
             return (f"alpha is right, but A = {A:.6g} is log A; exponentiate the intercept, "
                     f"expected {e_A:.6g}")
-        linear = np.polyfit(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64), 1)[0]
-        if _close(alpha, -linear, 1e-6) or _close(alpha, linear, 1e-6):
-            return ("that is the slope of a straight line through (x, L) itself; a power law is a "
-                    "straight line only after taking the log of both x and L")
-        if not _close(alpha, e_alpha, 1e-6):
+        linear = np.polyfit(x, y, 1)[0]
+        if close(alpha, -linear) or close(alpha, linear):
+            return ("that is the slope of a straight line through (x, L) itself; a power law "
+                    "is a straight line only after taking the log of both x and L")
+        if not close(alpha, e_alpha):
             return f"expected alpha = {e_alpha:.6g}, got {alpha:.6g}"
-        if not _close(A, e_A, 1e-6):
-            return f"alpha is right; expected A = {e_A:.6g}, got {A:.6g}"
-        return None
+        return f"alpha is right; expected A = {e_A:.6g}, got {A:.6g}"
     return compare
 
 
@@ -144,73 +134,286 @@ def check_loglog_fit(fn) -> None:
     """Grade ``fn(x, loss) -> (alpha, A)``: least squares of ``log loss = log A - alpha log x``
     (a straight line in log-log axes). ``x`` and ``loss`` arrive as 1-D float64 tensors."""
     __tracebackhide__ = True
-    rng = np.random.default_rng(8)
-    sets = []
-    x = np.array([1e3, 1e4, 1e5])
-    sets.append((x, 5.0 * x ** -0.1, "three points on an exact power law, alpha = 0.1"))
-    x = np.geomspace(3e3, 2e5, 7)
-    sets.append((x, 2.0 + 40 * x ** -0.4, "seven model sizes whose losses bend towards a floor"))
-    x = np.geomspace(1e6, 1e9, 12)
-    sets.append((x, 9.0 * x ** -0.076 * np.exp(rng.normal(0, 0.01, 12)), "noisy losses, Kaplan's slope"))
-    x = np.array([10.0, 20.0, 40.0, 80.0])
-    sets.append((x, np.array([1.0, 2.0, 4.0, 8.0]), "losses that grow with x (alpha is then negative)"))
-    cases = [Case(desc, args=(torch.tensor(x), torch.tensor(y)), expected=_loglog_reference(x, y),
-                  compare=_compare_loglog(x, y),
-                  hint="take u = log x and v = log loss; slope = cov(u, v) / var(u); alpha = -slope, "
-                       "A = exp(mean(v) - slope * mean(u))")
-             for x, y, desc in sets]
+    cases = [Case(desc, args=(x, y), expected=_loglog_reference(x, y),
+                  compare=_compare_loglog(x, y), rebuild=_rebuild("loglog_fit", k, "x, loss"),
+                  hint="take u = log x and v = log loss; slope = cov(u, v) / var(u); "
+                       "alpha = -slope, A = exp(mean(v) - slope * mean(u))")
+             for k, ((x, y), desc) in enumerate(_loglog_inputs(), 1)]
     run_cases("check_loglog_fit", fn, cases)
 
 
 # -----------------------------------------------------------------------------
-# exercise 3: Chinchilla's rule of thumb
+# exercise 2: the compute-efficient frontier
 
 
-def _rule(C, tokens_per_param):
-    N = math.sqrt(C / (6 * tokens_per_param))
-    return N, tokens_per_param * N
+def _frontier_inputs():
+    N, D, L = _chapter_runs()
+    rng = np.random.default_rng(0)           # only for a fixed shuffle of the chapter's runs
+    order = rng.permutation(len(L))
+    g = generator(82)
+    n = torch.exp(torch.empty(30, dtype=torch.float64).uniform_(math.log(1e3), math.log(1e5),
+                                                                 generator=g))
+    d = torch.exp(torch.empty(30, dtype=torch.float64).uniform_(math.log(1e5), math.log(3e6),
+                                                                 generator=g))
+    noise = 0.02 * torch.randn(30, generator=g, dtype=torch.float64)
+    loss = 1.5 + 20 * n ** -0.3 + 300 * d ** -0.4 + noise
+    return [
+        (([1e9, 2e9, 4e9, 8e9], [3.0, 2.7, 2.8, 2.5]),
+         "four runs, the third worse than the second"),
+        (([8e9, 1e9, 4e9, 2e9], [2.5, 3.0, 2.4, 2.7]),
+         "four runs, not in order of compute"),
+        (((6 * N * D)[order].tolist(), L[order].tolist()),
+         "fifteen runs like this chapter's, shuffled"),
+        (((6 * n * d).numpy(), loss.numpy()),
+         "thirty random runs (seeded) as NumPy arrays"),
+    ]
 
 
-def _compare_rule(C, r):
+def _frontier_reference(C, loss):
+    C, loss = np.asarray(C, dtype=np.float64), np.asarray(loss, dtype=np.float64)
+    on = [i for i in range(len(C))
+          if not any(j != i and C[j] <= C[i] and loss[j] <= loss[i] for j in range(len(C)))]
+    return sorted(on, key=lambda i: C[i])
+
+
+def _as_indices(got) -> tuple[list[int] | None, str | None]:
+    if isinstance(got, torch.Tensor):
+        if got.dtype == torch.bool:
+            return None, ("got a boolean mask; return the indices of the runs on the frontier "
+                          "(torch.nonzero(mask).flatten().tolist() turns a mask into them)")
+        got = got.tolist()
+    elif isinstance(got, np.ndarray):
+        if got.dtype == bool:
+            return None, ("got a boolean mask; return the indices of the runs on the frontier "
+                          "(np.flatnonzero(mask).tolist() turns a mask into them)")
+        got = got.tolist()
+    if not isinstance(got, (list, tuple)):
+        return None, f"expected a list of indices, got {_short(got)}"
+    out = []
+    for item in got:
+        if isinstance(item, (bool, np.bool_)):
+            return None, ("got a list of True/False; return the indices of the runs on the "
+                          "frontier instead")
+        if isinstance(item, np.integer):
+            item = int(item)
+        if isinstance(item, float) and item.is_integer():
+            item = int(item)
+        if not isinstance(item, int):
+            return None, f"expected a list of int indices, got an item {_short(item)}"
+        out.append(item)
+    return out, None
+
+
+def _compare_frontier(C, loss):
+    C, loss = np.asarray(C, dtype=np.float64), np.asarray(loss, dtype=np.float64)
+
     def compare(got, expected) -> str | None:
-        pair, problem = _pair(got, ("N", "D"))
+        got, problem = _as_indices(got)
         if problem:
             return problem
-        N, D = pair
-        eN, eD = expected
-        if _close(N, eN, 1e-6) and _close(D, eD, 1e-6):
+        if got == expected:
             return None
-        if _close(N, C / (6 * r), 1e-6):
-            return ("N came out as C / (6 r): with D = r N the budget is C = 6 r N^2, so N is the "
-                    "square root of C / (6 r)")
-        if _close(N, math.sqrt(C / r), 1e-6):
-            return "N came out as sqrt(C / r): you forgot the 6 in C = 6 N D"
-        if _close(N, eD, 1e-6) and _close(D, eN, 1e-6):
-            return "N and D are swapped: return (parameters, tokens), with D = r N the larger one"
-        if not _close(6 * N * D, C, 1e-6):
-            return (f"6 N D = {6 * N * D:.4g} does not spend the budget C = {C:.4g}\n"
-                    f"  expected N = {eN:.6g}, D = {eD:.6g}; got N = {N:.6g}, D = {D:.6g}")
-        return f"expected N = {eN:.6g}, D = {eD:.6g}; got N = {N:.6g}, D = {D:.6g}"
+        order = sorted(range(len(C)), key=lambda i: C[i])
+        if got == [order.index(i) for i in expected]:
+            return ("those are positions in the runs sorted by compute; return indices into "
+                    "the arrays as they were given (sort the indices, not the arrays)")
+        if sorted(got) == sorted(expected):
+            return (f"the right runs, in the wrong order: list them by increasing compute, "
+                    f"{expected}")
+        unsorted = [i for i in range(len(C)) if all(loss[i] < loss[j] for j in range(i))]
+        if got == unsorted and got != expected:
+            return ("you scanned the runs in the order they were given; a run is judged "
+                    "against every run that cost less, so sort by compute first")
+        previous = [i for k, i in enumerate(order) if k == 0 or loss[i] < loss[order[k - 1]]]
+        if got == previous:
+            return ("you compared each run with the one just before it; compare with the "
+                    "lowest loss of every cheaper run (the best so far)")
+        missing = [i for i in expected if i not in got]
+        extra = [i for i in got if i not in expected]
+        text = f"expected {expected}, got {got}"
+        if extra:
+            i = extra[0]
+            beaters = [j for j in range(len(C)) if j != i and C[j] <= C[i] and loss[j] <= loss[i]]
+            text += (f"\n  run {i} (C = {C[i]:.4g}, loss {loss[i]:.4g}) is not on the frontier: "
+                     f"run {beaters[0]} cost {C[beaters[0]]:.4g} and reached {loss[beaters[0]]:.4g}")
+        elif missing:
+            i = missing[0]
+            text += (f"\n  run {i} (C = {C[i]:.4g}, loss {loss[i]:.4g}) is missing: no run that "
+                     f"cost as little reached a loss as low")
+        return text
     return compare
 
 
-def check_chinchilla_rule(fn) -> None:
-    """Grade ``fn(C, tokens_per_param=20) -> (N, D)``: the model size and token count that spend the
-    budget ``C = 6 N D`` with ``D = tokens_per_param * N``."""
+def check_compute_frontier(fn) -> None:
+    """Grade ``fn(C, loss) -> list of indices``: the runs on the compute-efficient frontier (no
+    other run reached a loss as low or lower with as little compute or less), by increasing
+    ``C``. ``C`` and ``loss`` are 1-D lists or arrays of floats."""
     __tracebackhide__ = True
-    budgets = [(5.88e23, 20, "Chinchilla's budget (70B parameters, 1.4T tokens)"),
-               (3.14e23, 20, "GPT-3's budget"),
-               (1e12, 20, "a laptop-sized budget of 1e12 FLOPs"),
-               (1e21, 100, "1e21 FLOPs at 100 tokens per parameter")]
-    cases = [Case(desc, args=(C,), kwargs={"tokens_per_param": r}, expected=_rule(C, r),
-                  compare=_compare_rule(C, r),
-                  hint="substitute D = r N into C = 6 N D and solve for N")
-             for C, r, desc in budgets]
-    run_cases("check_chinchilla_rule", fn, cases)
+    cases = [Case(desc, args=(C, loss), expected=_frontier_reference(C, loss),
+                  compare=_compare_frontier(C, loss),
+                  rebuild=_rebuild("compute_frontier", k, "C, loss"),
+                  hint="sort the indices by compute, walk through them and keep a run when "
+                       "its loss is below the best loss seen so far")
+             for k, ((C, loss), desc) in enumerate(_frontier_inputs(), 1)]
+    run_cases("check_compute_frontier", fn, cases)
+
+
+# -----------------------------------------------------------------------------
+# exercise 3: fit the loss surface L(N, D) = E + A / N^alpha + B / D^beta
+
+
+def _surface_inputs():
+    N, D, L = _chapter_runs()
+    sizes = np.geomspace(7e7, 1.6e10, 6)
+    budgets = np.geomspace(6e18, 3e21, 4)
+    n_grid = np.array([n for _ in budgets for n in sizes])
+    d_grid = np.array([C / (6 * n) for C in budgets for n in sizes])
+    published = dict(CHINCHILLA_2022)
+    exact = (published["E"] + published["A"] * n_grid ** -published["alpha"]
+             + published["B"] * d_grid ** -published["beta"])
+    g = generator(83)
+    n = torch.exp(torch.empty(20, dtype=torch.float64).uniform_(math.log(2e3), math.log(1e5),
+                                                                 generator=g))
+    d = torch.exp(torch.empty(20, dtype=torch.float64).uniform_(math.log(1e5), math.log(2e6),
+                                                                 generator=g))
+    noise = torch.exp(0.01 * torch.randn(20, generator=g, dtype=torch.float64))
+    noisy = (1.4 + 15 * n ** -0.35 + 200 * d ** -0.45) * noise
+    return [
+        ((n_grid, d_grid, exact),
+         "24 runs whose losses follow Chinchilla's published fit exactly (70M to 16B parameters)"),
+        ((n.numpy(), d.numpy(), noisy.numpy()),
+         "20 tiny runs (seeded) with 1% noise on the loss"),
+        ((N, D, L), "this chapter's fifteen runs, from one run of its sweeps"),
+    ]
+
+
+def _surface_predict(fit, N, D):
+    return fit["E"] + fit["A"] * N ** -fit["alpha"] + fit["B"] * D ** -fit["beta"]
+
+
+def _log_rms(fit, N, D, L) -> float:
+    with np.errstate(all="ignore"):
+        pred = _surface_predict(fit, N, D)
+        if not np.all(np.isfinite(pred)) or np.any(pred <= 0):
+            return math.inf
+        return float(np.sqrt(np.mean((np.log(pred) - np.log(L)) ** 2)))
+
+
+def _surface_reference(N, D, L) -> dict:
+    """Variable projection: for each (alpha, beta) on a grid, E, A and B follow by linear least
+    squares; the best few grid points are then refined in log space."""
+    N, D, L = (np.asarray(v, dtype=np.float64) for v in (N, D, L))
+    sN, sD = np.exp(np.log(N).mean()), np.exp(np.log(D).mean())
+    n, d = N / sN, D / sD
+    grid = np.linspace(0.02, 1.5, 38)
+    found = []
+    for alpha in grid:
+        for beta in grid:
+            X = np.stack([np.ones_like(L), n ** -alpha, d ** -beta], axis=1)
+            coef, *_ = np.linalg.lstsq(X, L, rcond=None)
+            if coef[1] <= 0 or coef[2] <= 0 or coef[0] < 0:
+                continue
+            pred = X @ coef
+            found.append((float(np.sum((np.log(pred) - np.log(L)) ** 2)), alpha, beta, coef))
+    found.sort(key=lambda t: t[0])
+
+    def residuals(p):
+        E, a, b, alpha, beta = p
+        return np.log(E + np.exp(a - alpha * np.log(n)) + np.exp(b - beta * np.log(d))) - np.log(L)
+
+    best = None
+    for _, alpha, beta, (E, A, B) in found[:3]:
+        start = [min(E, 0.999 * L.min()), math.log(A), math.log(B), alpha, beta]
+        result = least_squares(residuals, start, method="trf",
+                               bounds=([0, -np.inf, -np.inf, 0, 0], [L.min(), np.inf, np.inf, 5, 5]),
+                               xtol=1e-12, ftol=1e-12, gtol=1e-12, max_nfev=2000)
+        if best is None or result.cost < best.cost:
+            best = result
+    E, a, b, alpha, beta = best.x
+    return {"E": float(E), "A": float(math.exp(a) * sN ** alpha),
+            "B": float(math.exp(b) * sD ** beta), "alpha": float(alpha), "beta": float(beta)}
+
+
+def _as_fit(got) -> tuple[dict | None, str | None]:
+    if not isinstance(got, dict):
+        return None, f"expected a dict with keys E, A, B, alpha, beta; got {_short(got)}"
+    missing = [k for k in ("E", "A", "B", "alpha", "beta") if k not in got]
+    if missing:
+        return None, f"the dict lacks {missing}; it needs E, A, B, alpha and beta"
+    fit = {}
+    for k in ("E", "A", "B", "alpha", "beta"):
+        value, problem = as_number(got[k], f"a single number for {k!r}")
+        if problem:
+            return None, f"{k}: {problem}"
+        fit[k] = value
+    return fit, None
+
+
+def _compare_surface(N, D, L):
+    N, D, L = (np.asarray(v, dtype=np.float64) for v in (N, D, L))
+
+    def compare(got, expected) -> str | None:
+        fit, problem = _as_fit(got)
+        if problem:
+            return problem
+        target = _log_rms(expected, N, D, L)
+        bar = 1.02 * target + 1e-4
+        mine = _log_rms(fit, N, D, L)
+        good = mine <= bar
+        if good and min(fit["A"], fit["B"], fit["alpha"], fit["beta"]) > 0:
+            return None
+        if good:
+            return (f"the fit matches the losses, but A, B, alpha and beta must all be "
+                    f"positive (got {_short(fit)}): both terms fall as N and D grow")
+        swapped = {**fit, "A": fit["B"], "B": fit["A"], "alpha": fit["beta"], "beta": fit["alpha"]}
+        if _log_rms(swapped, N, D, L) <= bar:
+            return ("the N term and the D term are swapped: A and alpha go with N "
+                    "(A / N^alpha), B and beta with D (B / D^beta)")
+        logs = {**fit, "A": math.exp(min(fit["A"], 700)), "B": math.exp(min(fit["B"], 700))}
+        if _log_rms(logs, N, D, L) <= bar:
+            return "A and B look like log A and log B: exponentiate them before returning"
+        with np.errstate(all="ignore"):
+            mine_pred, ref_pred = _surface_predict(fit, N, D), _surface_predict(expected, N, D)
+        worst = int(np.nanargmax(np.abs(np.log(np.abs(mine_pred) + 1e-300) - np.log(ref_pred))))
+        return (f"the fit is worse than it could be: root-mean-square error of log L is "
+                f"{mine:.4g}, the reference fit reaches {target:.4g}.\n"
+                f"  Worst run: N = {N[worst]:.4g}, D = {D[worst]:.4g}, loss {L[worst]:.4g}; your "
+                f"fit predicts {mine_pred[worst]:.4g}, the reference {ref_pred[worst]:.4g}.\n"
+                f"  The fit is ill-conditioned: an optimiser started from one point often stops "
+                f"early. Fit log A and log B, rescale N and D, and try several starting "
+                f"exponents, keeping the best")
+    return compare
+
+
+def check_loss_surface(fn) -> None:
+    """Grade ``fn(N, D, loss) -> {"E", "A", "B", "alpha", "beta"}``: Chinchilla's
+    ``L(N, D) = E + A / N**alpha + B / D**beta`` fitted by least squares on ``log L``. The
+    constants are poorly determined, so the fit is judged by its error on the runs: no worse than
+    an independent reference fit (2% slack). ``N``, ``D`` and ``loss`` are 1-D float64 arrays."""
+    __tracebackhide__ = True
+    cases = []
+    for k, ((N, D, L), desc) in enumerate(_surface_inputs(), 1):
+        cases.append(Case(desc, args=(N, D, L), expected=_surface_reference(N, D, L),
+                          compare=_compare_surface(N, D, L),
+                          rebuild=_rebuild("loss_surface", k, "N, D, loss"),
+                          hint="minimise sum((log L_fit - log L)^2) over E, log A, log B, alpha "
+                               "and beta (scipy.optimize.least_squares), from several starting "
+                               "exponents"))
+    run_cases("check_loss_surface", fn, cases)
 
 
 # -----------------------------------------------------------------------------
 # exercise 4: the best N and D for a budget, from a fitted L(N, D)
+
+
+def _optimal_inputs():
+    lopsided = {"E": 0.5, "A": 3.0, "B": 80.0, "alpha": 0.5, "beta": 0.2}
+    return [
+        ((5.76e23, dict(CHINCHILLA_2022)), "Gopher's budget with Chinchilla's published fit"),
+        ((1e20, dict(BESIROGLU_2024)), "1e20 FLOPs with Besiroglu et al.'s refit"),
+        ((1e12, lopsided), "1e12 FLOPs with an invented fit whose exponents differ a lot"),
+        ((3.14e23, dict(BESIROGLU_2024)), "GPT-3's budget with the refit"),
+    ]
 
 
 def _optimal(C, fit):
@@ -221,22 +424,25 @@ def _optimal(C, fit):
 
 
 def _compare_optimal(C, fit):
+    def close(x, y):
+        return math.isclose(x, y, rel_tol=1e-4)
+
     def compare(got, expected) -> str | None:
         pair, problem = _pair(got, ("N", "D"))
         if problem:
             return problem
         N, D = pair
         eN, eD = expected
-        if _close(N, eN, 1e-4) and _close(D, eD, 1e-4):
+        if close(N, eN) and close(D, eD):
             return None
-        if _close(N, eD, 1e-4) and _close(D, eN, 1e-4):
-            return ("N and D are swapped (or, the same thing, alpha/A with beta/B): A / N^alpha is the "
-                    "parameter term, B / D^beta the data term; return (N, D)")
+        if close(N, eD) and close(D, eN):
+            return ("N and D are swapped (or, the same thing, alpha/A with beta/B): A / N^alpha "
+                    "is the parameter term, B / D^beta the data term; return (N, D)")
         a, b = fit["alpha"], fit["beta"]
         wrong_c = (a * fit["A"] / (b * fit["B"])) ** (1 / (a + b)) * C ** (b / (a + b))
-        if _close(N, wrong_c, 1e-4):
+        if close(N, wrong_c):
             return "N uses C where C / 6 belongs: along the budget, N D = C / 6"
-        if not _close(6 * N * D, C, 1e-4):
+        if not close(6 * N * D, C):
             return f"6 N D = {6 * N * D:.4g} does not equal the budget C = {C:.4g}"
         return f"expected N = {eN:.6g}, D = {eD:.6g}; got N = {N:.6g}, D = {D:.6g}"
     return compare
@@ -246,15 +452,28 @@ def check_optimal_size(fn) -> None:
     """Grade ``fn(C, fit) -> (N, D)``: the ``N`` and ``D = C / (6 N)`` that minimise
     ``E + A / N**alpha + B / D**beta``; ``fit`` is a dict with E, A, B, alpha and beta."""
     __tracebackhide__ = True
-    chinchilla = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
-    refit = {"E": 1.8172, "A": 482.01, "B": 2085.43, "alpha": 0.3478, "beta": 0.3658}
-    lopsided = {"E": 0.5, "A": 3.0, "B": 80.0, "alpha": 0.5, "beta": 0.2}
-    settings = [(5.76e23, chinchilla, "Gopher's budget with Chinchilla's published fit"),
-                (1e20, refit, "1e20 FLOPs with Besiroglu et al.'s refit"),
-                (1e12, lopsided, "1e12 FLOPs with an invented fit whose exponents differ a lot"),
-                (3.14e23, refit, "GPT-3's budget with the refit")]
-    cases = [Case(desc, args=(C, dict(fit)), expected=_optimal(C, fit), compare=_compare_optimal(C, fit),
-                  hint="put D = C / (6 N) into the loss, set its derivative in N to zero (or minimise "
-                       "numerically over log N), then D = C / (6 N)")
-             for C, fit, desc in settings]
+    cases = [Case(desc, args=(C, fit), expected=_optimal(C, fit), compare=_compare_optimal(C, fit),
+                  hint="put D = C / (6 N) into the loss, set its derivative in N to zero (or "
+                       "minimise numerically over log N), then D = C / (6 N)")
+             for (C, fit), desc in _optimal_inputs()]
     run_cases("check_optimal_size", fn, cases)
+
+
+# -----------------------------------------------------------------------------
+# rebuilding a case by hand
+
+_INPUTS = {"loglog_fit": _loglog_inputs, "compute_frontier": _frontier_inputs,
+           "loss_surface": _surface_inputs, "optimal_size": _optimal_inputs}
+
+
+def exercise_inputs(name: str, k: int):
+    """The arguments of case ``k`` (from 1) of ``check_<name>``, as the checker passes them:
+    ``exercise_inputs("loss_surface", 3)`` gives ``(N, D, loss)`` of the third case."""
+    if name not in _INPUTS:
+        raise ValueError(f"name must be one of {sorted(_INPUTS)}, got {name!r}")
+    cases = _INPUTS[name]()
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(cases):
+        raise ValueError(f"k must be an int from 1 to {len(cases)}, got {k!r}")
+    args, _ = cases[k - 1]
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else
+                 a.copy() if isinstance(a, (np.ndarray, dict, list)) else a for a in args)
