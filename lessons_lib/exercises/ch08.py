@@ -47,7 +47,10 @@ def _pair(got, names: tuple[str, str]) -> tuple[tuple[float, float] | None, str 
     return (values[0], values[1]), None
 
 
-def _rebuild(name: str, k: int, targets: str) -> str:
+def _rebuild(name: str, k: int, targets: str, args: tuple) -> str:
+    """The line that rebuilds case ``k``'s arguments; empty when they are short enough to print."""
+    if all(len(a) <= 8 for a in args if isinstance(a, (list, tuple, np.ndarray, torch.Tensor))):
+        return ""
     return (f"from lessons_lib.exercises.ch08 import exercise_inputs; "
             f"{targets} = exercise_inputs({name!r}, {k})")
 
@@ -135,7 +138,7 @@ def check_loglog_fit(fn) -> None:
     (a straight line in log-log axes). ``x`` and ``loss`` arrive as 1-D float64 tensors."""
     __tracebackhide__ = True
     cases = [Case(desc, args=(x, y), expected=_loglog_reference(x, y),
-                  compare=_compare_loglog(x, y), rebuild=_rebuild("loglog_fit", k, "x, loss"),
+                  compare=_compare_loglog(x, y), rebuild=_rebuild("loglog_fit", k, "x, loss", (x, y)),
                   hint="take u = log x and v = log loss; slope = cov(u, v) / var(u); "
                        "alpha = -slope, A = exp(mean(v) - slope * mean(u))")
              for k, ((x, y), desc) in enumerate(_loglog_inputs(), 1)]
@@ -251,7 +254,7 @@ def check_compute_frontier(fn) -> None:
     __tracebackhide__ = True
     cases = [Case(desc, args=(C, loss), expected=_frontier_reference(C, loss),
                   compare=_compare_frontier(C, loss),
-                  rebuild=_rebuild("compute_frontier", k, "C, loss"),
+                  rebuild=_rebuild("compute_frontier", k, "C, loss", (C, loss)),
                   hint="sort the indices by compute, walk through them and keep a run when "
                        "its loss is below the best loss seen so far")
              for k, ((C, loss), desc) in enumerate(_frontier_inputs(), 1)]
@@ -306,23 +309,23 @@ def _surface_reference(N, D, L) -> dict:
     sN, sD = np.exp(np.log(N).mean()), np.exp(np.log(D).mean())
     n, d = N / sN, D / sD
     grid = np.linspace(0.02, 1.5, 38)
-    found = []
-    for alpha in grid:
-        for beta in grid:
-            X = np.stack([np.ones_like(L), n ** -alpha, d ** -beta], axis=1)
-            coef, *_ = np.linalg.lstsq(X, L, rcond=None)
-            if coef[1] <= 0 or coef[2] <= 0 or coef[0] < 0:
-                continue
-            pred = X @ coef
-            found.append((float(np.sum((np.log(pred) - np.log(L)) ** 2)), alpha, beta, coef))
-    found.sort(key=lambda t: t[0])
+    alpha, beta = np.meshgrid(grid, grid, indexing="ij")
+    X = np.stack([np.ones((*alpha.shape, len(L))), n ** -alpha[..., None],
+                  d ** -beta[..., None]], axis=-1)          # (38, 38, runs, 3)
+    coef = np.linalg.pinv(X) @ L                               # (38, 38, 3): E, A, B
+    pred = np.einsum("abrk,abk->abr", X, coef)
+    ok = (coef > 0).all(axis=-1) & (pred > 0).all(axis=-1)
+    with np.errstate(all="ignore"):
+        sse = np.where(ok, np.sum((np.log(np.abs(pred)) - np.log(L)) ** 2, axis=-1), np.inf)
+    found = [(alpha.flat[i], beta.flat[i], coef.reshape(-1, 3)[i])
+             for i in np.argsort(sse, axis=None)[:3] if np.isfinite(sse.flat[i])]
 
     def residuals(p):
         E, a, b, alpha, beta = p
         return np.log(E + np.exp(a - alpha * np.log(n)) + np.exp(b - beta * np.log(d))) - np.log(L)
 
     best = None
-    for _, alpha, beta, (E, A, B) in found[:3]:
+    for alpha, beta, (E, A, B) in found:
         start = [min(E, 0.999 * L.min()), math.log(A), math.log(B), alpha, beta]
         result = least_squares(residuals, start, method="trf",
                                bounds=([0, -np.inf, -np.inf, 0, 0], [L.min(), np.inf, np.inf, 5, 5]),
@@ -372,6 +375,11 @@ def _compare_surface(N, D, L):
         logs = {**fit, "A": math.exp(min(fit["A"], 700)), "B": math.exp(min(fit["B"], 700))}
         if _log_rms(logs, N, D, L) <= bar:
             return "A and B look like log A and log B: exponentiate them before returning"
+        if mine > 0.1:
+            return (f"the fit is far from the losses: root-mean-square error of log L is "
+                    f"{mine:.3g} (about {mine:.0%} of the loss), the reference fit reaches "
+                    f"{target:.3g}. Check the formula, E + A / N^alpha + B / D^beta, and that "
+                    f"you return the constants your optimiser found")
         with np.errstate(all="ignore"):
             mine_pred, ref_pred = _surface_predict(fit, N, D), _surface_predict(expected, N, D)
         worst = int(np.nanargmax(np.abs(np.log(np.abs(mine_pred) + 1e-300) - np.log(ref_pred))))
@@ -395,7 +403,7 @@ def check_loss_surface(fn) -> None:
     for k, ((N, D, L), desc) in enumerate(_surface_inputs(), 1):
         cases.append(Case(desc, args=(N, D, L), expected=_surface_reference(N, D, L),
                           compare=_compare_surface(N, D, L),
-                          rebuild=_rebuild("loss_surface", k, "N, D, loss"),
+                          rebuild=_rebuild("loss_surface", k, "N, D, loss", (N, D, L)),
                           hint="minimise sum((log L_fit - log L)^2) over E, log A, log B, alpha "
                                "and beta (scipy.optimize.least_squares), from several starting "
                                "exponents"))
