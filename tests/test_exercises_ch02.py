@@ -5,15 +5,18 @@ from collections import Counter
 import pytest
 import regex
 
-from lessons_lib.exercises import (CheckFailed, check_bpe_encode, check_bytes_per_token, check_merge,
+from lessons_lib.exercises import (CheckFailed, check_bpe_decode, check_bpe_encode, check_merge,
                                    check_train_bpe)
 from lessons_lib.tokenizers import GPT2_SPLIT_PATTERN, BPETokenizer
 
 # -- correct solutions ----------------------------------------------------------------------
 
 
-def bytes_per_token(tokenizer, text):
-    return len(text.encode("utf-8")) / len(tokenizer.encode(text))
+def bpe_decode(ids, merges):
+    vocab = {i: bytes([i]) for i in range(256)}
+    for (a, b), new_id in merges.items():
+        vocab[new_id] = vocab[a] + vocab[b]
+    return b"".join(vocab[i] for i in ids).decode("utf-8", errors="replace")
 
 
 def merge(ids, pair, new_id):
@@ -59,12 +62,12 @@ def bpe_encode(text, merges):
 
 
 def test_correct_solutions_pass(capsys):
-    check_bytes_per_token(bytes_per_token)
+    check_bpe_decode(bpe_decode)
     check_merge(merge)
     check_train_bpe(train_bpe)
     check_bpe_encode(bpe_encode)
     out = capsys.readouterr().out
-    for name in ("check_bytes_per_token", "check_merge", "check_train_bpe", "check_bpe_encode"):
+    for name in ("check_bpe_decode", "check_merge", "check_train_bpe", "check_bpe_encode"):
         assert f"{name}: all" in out and "checks passed" in out
 
 
@@ -111,14 +114,70 @@ def test_not_a_function_is_rejected():
 # -- wrong answers --------------------------------------------------------------------------
 
 
-def test_bytes_per_token_rejects_characters_instead_of_bytes():
-    with pytest.raises(CheckFailed, match="count bytes, not characters"):
-        check_bytes_per_token(lambda tok, text: len(text) / len(tok.encode(text)))
+def test_bpe_decode_rejects_decoding_each_token_on_its_own():
+    def per_token(ids, merges):
+        vocab = {i: bytes([i]) for i in range(256)}
+        for (a, b), new_id in merges.items():
+            vocab[new_id] = vocab[a] + vocab[b]
+        return "".join(vocab[i].decode("utf-8", errors="replace") for i in ids)
+    with pytest.raises(CheckFailed, match="join the bytes of all the tokens first"):
+        check_bpe_decode(per_token)
 
 
-def test_bytes_per_token_rejects_tokens_per_byte():
-    with pytest.raises(CheckFailed, match="not yet"):
-        check_bytes_per_token(lambda tok, text: len(tok.encode(text)) / len(text.encode("utf-8")))
+def test_bpe_decode_rejects_strict_decoding_and_keeps_the_traceback():
+    def strict(ids, merges):
+        vocab = {i: bytes([i]) for i in range(256)}
+        for (a, b), new_id in merges.items():
+            vocab[new_id] = vocab[a] + vocab[b]
+        return b"".join(vocab[i] for i in ids).decode("utf-8")
+    with pytest.raises(CheckFailed, match=r"raised UnicodeDecodeError(.|\n)*errors='replace'") as info:
+        check_bpe_decode(strict)
+    assert isinstance(info.value.__cause__, UnicodeDecodeError)
+
+
+def test_bpe_decode_rejects_pairs_joined_the_wrong_way_round():
+    def reversed_pairs(ids, merges):
+        vocab = {i: bytes([i]) for i in range(256)}
+        for (a, b), new_id in merges.items():
+            vocab[new_id] = vocab[b] + vocab[a]
+        return b"".join(vocab[i] for i in ids).decode("utf-8", errors="replace")
+    with pytest.raises(CheckFailed, match="bytes of 104 followed by the bytes of 105"):
+        check_bpe_decode(reversed_pairs)
+
+
+def test_bpe_decode_rejects_merged_ids_built_from_bytes_only():
+    def one_level(ids, merges):                      # forgets that a merged id can hold merged ids
+        vocab = {i: bytes([i]) for i in range(256)}
+        for (a, b), new_id in merges.items():
+            vocab[new_id] = bytes([a % 256, b % 256])
+        return b"".join(vocab[i] for i in ids).decode("utf-8", errors="replace")
+    with pytest.raises(CheckFailed, match=r"aaabdaaabac(.|\n)*in the order the merges were learned"):
+        check_bpe_decode(one_level)
+
+
+def test_encode_and_decode_failures_print_a_line_that_rebuilds_the_case():
+    def drops_last(ids, merges):                      # wrong only on the longer cases
+        return bpe_decode(ids[:-1] if len(ids) > 5 else ids, merges)
+    with pytest.raises(CheckFailed, match="To rerun this case") as info:
+        check_bpe_decode(drops_last)
+    line = str(info.value).split("To rerun this case: ")[1].split("\n")[0]
+    scope = {}
+    exec(line, scope)
+    assert isinstance(scope["merges"], dict) and bpe_decode(scope["ids"], scope["merges"]) == "The miller and the river."
+
+
+def test_the_references_agree_with_the_library():
+    from lessons_lib.exercises import ch02
+    trained = BPETokenizer().train(ch02._HIDDEN_TEXT, 400)
+    assert len(ch02.example_merges()) == len(trained.merges) == 144    # ties may be broken apart
+    check_train_bpe(lambda text, vocab_size: ch02._train_reference(text, vocab_size))
+    tok = BPETokenizer()
+    tok.merges = ch02.example_merges()
+    tok._rebuild()
+    for text in ["The miller and the river.", "東京 🙂 naïve", "the mill  42,   Zebra", ""]:
+        assert ch02._encode_reference(text, tok.merges) == tok.encode(text)
+        assert bpe_decode(tok.encode(text), tok.merges) == tok.decode(tok.encode(text)) == text
+    assert ch02._merge_reference([1, 1, 1, 2], (1, 1), 9) == [9, 1, 2]
 
 
 def test_merge_rejects_overlapping_matches():

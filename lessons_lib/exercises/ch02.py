@@ -1,22 +1,26 @@
-"""Checkers for chapter 02's exercises: bytes per token, one BPE merge, BPE training, BPE encoding.
+"""Checkers for chapter 02's exercises: decoding with a merge table, one BPE merge, BPE
+training, BPE encoding.
 
-Each checker grades a learner's function on inputs the learner does not see. The BPE checkers
-compare with ``lessons_lib.tokenizers`` (encoding) or replay the learner's merges on the text
-and check that every merge picked a most frequent pair (training), so any tie-break passes.
+Each checker grades a learner's function on inputs the learner does not see, against references
+written here: a plain merge loop, a trainer that recounts every pair, an encoder that applies the
+merges in the order they were learned, and a decoder that rebuilds every token's bytes. None of
+them calls ``lessons_lib.tokenizers``' BPE code, the thing the exercises teach. The training
+checker replays the learner's merges and checks that each picked a most frequent pair, so any
+tie-break passes.
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter
+from functools import lru_cache
 
 import regex
 
-from ..tokenizers import GPT2_SPLIT_PATTERN, BPETokenizer, CharTokenizer
-from ..tokenizers import _merge as _reference_merge
-from ._core import Case, CheckFailed, compare_close, compare_equal, run_cases  # noqa: F401
+from ..tokenizers import GPT2_SPLIT_PATTERN
+from ._core import Case, CheckFailed, compare_equal, run_cases
 
-__all__ = ["check_bytes_per_token", "check_merge", "check_train_bpe", "check_bpe_encode"]
+__all__ = ["check_bpe_decode", "check_merge", "check_train_bpe", "check_bpe_encode"]
 
 _split = regex.compile(GPT2_SPLIT_PATTERN)
 
@@ -38,6 +42,71 @@ At night he sings the old song of the mill:
 """
 
 
+# -- references (independent of lessons_lib.tokenizers' BPE) ------------------------------------
+
+def _merge_reference(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
+    """Replace each non-overlapping occurrence of ``pair``, left to right."""
+    out, k = [], 0
+    while k < len(ids):
+        if ids[k:k + 2] == list(pair):
+            out.append(new_id)
+            k += 2
+        else:
+            out.append(ids[k])
+            k += 1
+    return out
+
+
+def _train_reference(text: str, vocab_size: int) -> dict[tuple[int, int], int]:
+    """Recount every pair after every merge (slow and plain); ties go to the pair seen first."""
+    chunks = [list(c.encode("utf-8")) for c in _split.findall(text)]
+    merges: dict[tuple[int, int], int] = {}
+    for new_id in range(256, vocab_size):
+        counts: Counter = Counter()
+        for ids in chunks:
+            counts.update(zip(ids, ids[1:]))
+        if not counts:
+            break
+        pair = max(counts, key=counts.get)
+        merges[pair] = new_id
+        chunks = [_merge_reference(ids, pair, new_id) for ids in chunks]
+    return merges
+
+
+def _encode_reference(text: str, merges: dict[tuple[int, int], int]) -> list[int]:
+    """Apply every merge once, in the order it was learned, to each chunk's bytes. This equals
+    "repeatedly merge the earliest-learned pair present": a pair made of ids that only exist
+    after merge k can only be merged after k."""
+    ids: list[int] = []
+    for chunk in _split.findall(text):
+        chunk_ids = list(chunk.encode("utf-8"))
+        for pair, new_id in merges.items():
+            if len(chunk_ids) < 2:
+                break
+            chunk_ids = _merge_reference(chunk_ids, pair, new_id)
+        ids.extend(chunk_ids)
+    return ids
+
+
+def _token_bytes(merges: dict[tuple[int, int], int]) -> dict[int, bytes]:
+    vocab = {i: bytes([i]) for i in range(256)}
+    for (a, b), new_id in merges.items():
+        vocab[new_id] = vocab[a] + vocab[b]
+    return vocab
+
+
+@lru_cache(maxsize=None)
+def _example_merges(vocab_size: int) -> tuple:
+    return tuple(_train_reference(_HIDDEN_TEXT, vocab_size).items())
+
+
+def example_merges(vocab_size: int = 400) -> dict[tuple[int, int], int]:
+    """The merge table the encode and decode checkers use (learned from their hidden text), so
+    that a learner can rerun a failing case: ``from lessons_lib.exercises.ch02 import
+    example_merges``."""
+    return dict(_example_merges(vocab_size))
+
+
 def _pair_text(vocab: dict[int, bytes], pair: tuple[int, int]) -> str:
     a, b = pair
     return (f"{vocab[a].decode('utf-8', errors='backslashreplace')!r} + "
@@ -48,31 +117,57 @@ def _times(n: int) -> str:
     return "once" if n == 1 else f"{n} times"
 
 
-# -- exercise 1: bytes per token ----------------------------------------------------------------
+# -- exercise 1: decoding with a merge table ----------------------------------------------------
 
-def check_bytes_per_token(fn) -> None:
-    """Grade ``fn(tokenizer, text) -> float``: UTF-8 bytes of ``text`` per token of ``tokenizer.encode(text)``."""
+def check_bpe_decode(fn) -> None:
+    """Grade ``fn(ids, merges) -> str``: the bytes of every id rebuilt from the merge table
+    (ids 0-255 are single bytes, ``merges[(a, b)] = c`` makes c the bytes of a then b), joined,
+    and decoded as UTF-8 with ``errors="replace"``."""
     __tracebackhide__ = True
-    trained = BPETokenizer().train(_HIDDEN_TEXT, 320)
-    latin = CharTokenizer.from_text(_HIDDEN_TEXT)
-    chars = CharTokenizer.from_text("añoñ東京🙂 ")
+    merges = example_merges()
+    toy = _train_reference("aaabdaaabac", 259)
 
-    def case(description, tokenizer, text, hint=""):
-        expected = len(text.encode("utf-8")) / len(tokenizer.encode(text))
-        return Case(description, (tokenizer, text), expected, hint=hint, compare=compare_close(rtol=1e-9, atol=1e-12))
+    def expected(ids, table):
+        return b"".join(_token_bytes(table)[i] for i in ids).decode("utf-8", errors="replace")
 
-    non_ascii = ("count bytes, not characters: len(text.encode('utf-8')). A character such as "
-                 "'ñ' is 2 bytes, '東' is 3 and '🙂' is 4.")
-    cases = [
-        case("a character-level tokenizer on plain English (1 byte per character)", latin,
-             "The river runs past the mill."),
-        case("a small BPE tokenizer on English", trained, "The miller and his daughter watch the water.",
-             hint="divide the number of bytes by the number of tokens, not the other way round"),
-        case("a character-level tokenizer on 'año 東京 🙂'", chars, "año 東京 🙂", hint=non_ascii),
-        case("a small BPE tokenizer on text with accents, Chinese and an emoji", trained,
-             "The mill in 東京 turns: año tras año 🙂", hint=non_ascii),
-    ]
-    run_cases("check_bytes_per_token", fn, cases)
+    def rebuild(ids):
+        return f"from lessons_lib.exercises.ch02 import example_merges; ids, merges = {ids}, example_merges()"
+
+    join_first = ("join the bytes of all the tokens first and decode once: a character's bytes can be "
+                  "split over several tokens, and decoding each token on its own breaks it.")
+    replace = ("decode with .decode('utf-8', errors='replace'): ids may stop in the middle of a "
+               "character, and those bytes must become the replacement character '\ufffd', not an error.")
+    nested = ("a merged id can be made of merged ids: build the bytes of every new id in the order the "
+              "merges were learned, vocab[new_id] = vocab[a] + vocab[b], starting from vocab[i] = bytes([i]).")
+    cases = []
+
+    def case(description, ids, table, hint="", rebuild_line=""):
+        cases.append(Case(description, (list(ids), dict(table)), expected(ids, table), hint=hint,
+                          rebuild=rebuild_line))
+
+    case("byte ids only, no merges: [72, 105, 33]", [72, 105, 33], {},
+         hint="ids below 256 are single bytes: bytes([72]) is b'H'")
+    case("one merge {(104, 105): 256} and ids [256, 33]", [256, 33], {(104, 105): 256},
+         hint="id 256 stands for the bytes of 104 followed by the bytes of 105")
+    toy_ids = _encode_reference("aaabdaaabac", toy)
+    case(f"'aaabdaaabac' encoded with its own merges {toy} as {toy_ids}", toy_ids, toy, hint=nested)
+    for text in ["The miller and the river.", "When the rain comes, the wheel turns faster.",
+                 "Turn, wheel, turn;\n    the flour is in the sack."]:
+        ids = _encode_reference(text, merges)
+        case(f"{len(ids)} ids of the sentence {text!r} (merges learned from a hidden story)", ids, merges,
+             hint=nested, rebuild_line=rebuild(ids))
+    emoji = list("🙂".encode("utf-8"))
+    case(f"the four byte tokens of one emoji, {emoji}", emoji, {}, hint=join_first)
+    mixed = _encode_reference("東京 🙂 naïve miller", merges)
+    case(f"{len(mixed)} ids of '東京 🙂 naïve miller' (merges learned from a hidden story)", mixed, merges,
+         hint=join_first, rebuild_line=rebuild(mixed))
+    case(f"the first two bytes of the emoji alone, {emoji[:2]}", emoji[:2], {}, hint=replace)
+    case("the tokens of 'naïve' cut after the first byte of 'ï'",
+         _encode_reference("na", merges) + [list("ï".encode())[0]], merges, hint=replace,
+         rebuild_line=rebuild(_encode_reference("na", merges) + [list("ï".encode())[0]]))
+    case("no ids at all", [], merges, hint="no ids, no text: return ''",
+         rebuild_line=rebuild([]))
+    run_cases("check_bpe_decode", fn, cases)
 
 
 # -- exercise 2: one merge ----------------------------------------------------------------------
@@ -90,7 +185,7 @@ def check_merge(fn) -> None:
         return result, copy
 
     def case(description, ids, pair, new_id, hint=""):
-        expected = _reference_merge(ids, pair, new_id)
+        expected = _merge_reference(ids, pair, new_id)
 
         def compare(got, _expected, ids=ids):
             result, after = got
@@ -157,7 +252,7 @@ def _replay_problem(text: str, vocab_size: int, merges) -> str | None:
             return (f"merge number {k + 1} is {_pair_text(vocab, pair)}, which occurs {_times(got)}, "
                     f"but {_pair_text(vocab, top)} occurs {_times(best)}: merge the most frequent pair")
         vocab[new_id] = vocab[pair[0]] + vocab[pair[1]]
-        words = [_reference_merge(w, pair, new_id) for w in words]
+        words = [_merge_reference(w, pair, new_id) for w in words]
     wanted = vocab_size - 256
     if len(merges) < wanted:
         left = any(len(w) > 1 for w in words)
@@ -200,12 +295,17 @@ def check_train_bpe(fn) -> None:
 # -- exercise 4: encoding -----------------------------------------------------------------------
 
 def check_bpe_encode(fn) -> None:
-    """Grade ``fn(text, merges) -> list[int]`` against ``BPETokenizer.encode`` with the same merges."""
+    """Grade ``fn(text, merges) -> list[int]``: GPT-2's chunks, each encoded from its bytes by
+    merging the earliest-learned pair until none applies; compared with an encoder written here
+    that applies every merge once, in learned order (the same result, another algorithm)."""
     __tracebackhide__ = True
-    tok = BPETokenizer().train(_HIDDEN_TEXT, 400)
+    merges = example_merges()
 
     def case(description, text, hint=""):
-        return Case(f"{description}: {text!r}", (text, dict(tok.merges)), tok.encode(text), hint=hint)
+        return Case(f"{description}: {text!r}", (text, dict(merges)), _encode_reference(text, merges),
+                    hint=hint,
+                    rebuild=(f"from lessons_lib.exercises.ch02 import example_merges; "
+                             f"text, merges = {text!r}, example_merges()"))
 
     rank_hint = ("in each chunk, repeatedly merge the pair whose merge was learned first (the lowest "
                  "new id, merges[pair]), until no pair of the chunk is in merges.")
