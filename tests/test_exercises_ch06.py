@@ -135,7 +135,8 @@ def test_flops_accepts_the_formula(capsys):
 
 
 def test_flops_agree_with_pytorchs_counter_on_the_weight_products():
-    # FlopCounterMode counts the Linear layers (and not the fused attention kernel on a CPU)
+    # FlopCounterMode counts the Linear layers; whether it counts the fused attention kernel
+    # depends on the kernel PyTorch picks (on a CPU today it does not)
     from torch.utils.flop_counter import FlopCounterMode
 
     from lessons_lib.model import GPT, GPTConfig
@@ -143,7 +144,9 @@ def test_flops_agree_with_pytorchs_counter_on_the_weight_products():
     counter = FlopCounterMode(display=False)
     with counter:
         model(torch.zeros(1, 16, dtype=torch.long))
-    assert counter.get_total_flops() == flops_right(2, 16, 30, 16) - 2 * 4 * 16 * 16 * 16
+    full = flops_right(2, 16, 30, 16)
+    attention_core = 2 * 4 * 16 * 16 * 16          # q k^T and weights @ v, 2 layers
+    assert counter.get_total_flops() in (full, full - attention_core)
 
 
 @pytest.mark.parametrize("wrong, message", [
