@@ -163,7 +163,8 @@ def test_encode_and_decode_failures_print_a_line_that_rebuilds_the_case():
     line = str(info.value).split("To rerun this case: ")[1].split("\n")[0]
     scope = {}
     exec(line, scope)
-    assert isinstance(scope["merges"], dict) and bpe_decode(scope["ids"], scope["merges"]) == "The miller and the river."
+    assert isinstance(scope["merges"], dict)
+    assert bpe_decode(scope["ids"], scope["merges"]) == "The miller and the river."
 
 
 def test_the_references_agree_with_the_library():
