@@ -5,9 +5,11 @@
 2. :class:`MLP` -- Linear(d, 4d) -> GELU -> Linear(4d, d) -> dropout.
 3. :class:`Block` -- the pre-LayerNorm Transformer block:
    ``x = x + attn(ln_1(x))`` then ``x = x + mlp(ln_2(x))``.
-4. :class:`GPTConfig`, :func:`count_parameters`, :class:`KVCache` and :class:`GPT` -- token
-   and position embeddings, ``n_layer`` blocks, a final LayerNorm and the output head; the
-   GPT-1/2/3 configurations; loading Hugging Face GPT-2 checkpoints.
+4. :class:`GPTConfig`, :func:`count_parameters` (a GPT's parameters from its config),
+   :func:`num_parameters` (any built model's), :func:`next_token_loss` (the loss of every
+   lessons_lib language model), :class:`KVCache` and :class:`GPT` -- token and position
+   embeddings, ``n_layer`` blocks, a final LayerNorm and the output head; the GPT-1/2/3
+   configurations; loading Hugging Face GPT-2 checkpoints.
 
 Parameter names follow GPT-2's (``ln_1``, ``attn.c_attn``, ``attn.c_proj``, ``ln_2``,
 ``mlp.c_fc``, ``mlp.c_proj``) so its weights can be loaded by name.
