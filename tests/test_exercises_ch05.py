@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lessons_lib.exercises import CheckFailed
-from lessons_lib.exercises.ch05 import (check_block_param_count, check_layer_norm, check_lstm_step,
-                                        check_sinusoidal_positions)
+from lessons_lib.exercises.ch05 import (_layer_norm_cases, _lstm_step_cases, check_block_param_count,
+                                        check_layer_norm, check_lstm_step, check_sinusoidal_positions)
 from lessons_lib.model import Block, sinusoidal_positions
 
 
@@ -117,9 +117,11 @@ def block_params(n_embd, bias=True):
 
 def test_block_param_count_accepts_solutions(capsys):
     check_block_param_count(block_params)
+    check_block_param_count(lambda d, bias=True: float(block_params(d, bias)))   # a whole float is fine
+    check_block_param_count(lambda d, bias=True: torch.tensor(block_params(d, bias)))
     # counting the real module is a correct answer too
     check_block_param_count(lambda d, bias=True: sum(p.numel() for p in Block(d, 1, bias=bias).parameters()))
-    assert capsys.readouterr().out.count("all 5 checks passed") == 2
+    assert capsys.readouterr().out.count("all 5 checks passed") == 4
 
 
 @pytest.mark.parametrize("wrong, words", [
@@ -128,7 +130,8 @@ def test_block_param_count_accepts_solutions(capsys):
     (lambda d, bias=True: 6 * d * d + (10 * d if bias else 2 * d), "4 \\* n_embd"),
     (lambda d, bias=True: block_params(d, bias) - 2 * d * d, "FOUR"),
     (lambda d, bias=True: 12 * d * d + 13 * d, "counts"),              # ignores bias=False
-    (lambda d, bias=True: float(block_params(d, bias)), "expected an int"),
+    (lambda d, bias=True: block_params(d, bias) + 0.5, "whole number"),
+    (lambda d, bias=True: str(block_params(d, bias)), "whole number"),
     (lambda d, bias=True: block_params(d, bias) + 1, "expected"),
 ])
 def test_block_param_count_rejects_wrong(wrong, words):
@@ -199,3 +202,39 @@ def test_checkers_reject_a_non_function():
     for check in (check_sinusoidal_positions, check_layer_norm, check_block_param_count, check_lstm_step):
         with pytest.raises(CheckFailed, match="without calling it"):
             check(42)
+
+
+# ----------------------------------------------------------------------------- the checker policy
+
+@pytest.mark.parametrize("check, args", [
+    (check_sinusoidal_positions, 2), (check_layer_norm, 4), (check_block_param_count, 2),
+    (check_lstm_step, 7)])
+def test_a_raising_function_keeps_its_traceback(check, args):
+    def broken(*a, **k):
+        raise ZeroDivisionError("the learner's own bug")
+    with pytest.raises(CheckFailed, match="raised ZeroDivisionError") as info:
+        check(broken)
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+@pytest.mark.parametrize("make_cases", [_layer_norm_cases, _lstm_step_cases])
+def test_rebuild_lines_rebuild_the_random_inputs(make_cases):
+    for case in make_cases():
+        assert case.rebuild, case.description
+        names = {}
+        exec(case.rebuild, {"torch": torch}, names)
+        rebuilt = list(names.values())
+        inputs = list(case.args) + list(case.kwargs.values())
+        assert len(rebuilt) == len(inputs), case.rebuild
+        for got, want in zip(rebuilt, inputs):
+            if isinstance(want, torch.Tensor):
+                assert torch.equal(got, want), case.rebuild
+            else:
+                assert got == want, case.rebuild
+
+
+def test_a_failing_random_case_prints_its_rebuild_line():
+    with pytest.raises(CheckFailed, match="To rerun this case: x = torch.randn\\(2, 3, 8"):
+        check_layer_norm(ln_unbiased)
+    with pytest.raises(CheckFailed, match="To rerun this case: x = torch.randn\\(2, 3,"):
+        check_lstm_step(lstm_step_no_forget)

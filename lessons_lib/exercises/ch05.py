@@ -1,23 +1,21 @@
 """Checkers for chapter 05's exercises (the Transformer block, and the LSTM it replaced).
 
 Each checker calls the learner's function on hidden inputs and compares with answers computed
-here in float64 from the formulas, so the checkers do not lean on the code being learned.
-Where a wrong answer matches a common slip (sin and cos not interleaved, the unbiased variance,
-a forgotten LayerNorm, the gates in the wrong order) the message says so.
+here in float64 from the formulas, so the checkers do not lean on the code being learned
+(lessons_lib.model, torch.nn.LayerNorm, torch.nn.LSTMCell). Where a wrong answer matches a
+common slip (sin and cos not interleaved, the unbiased variance, a forgotten LayerNorm, the
+gates in the wrong order) the message says so. Every random input is drawn from its own seed,
+and a failing random case prints the line that rebuilds it (the policy of ``_core``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._core import Case, CheckFailed, _short, compare_close, compare_equal, run_cases  # noqa: F401
+from ._core import Case, _short, as_int, compare_close, randn, randn_call, run_cases
 
 __all__ = ["check_sinusoidal_positions", "check_layer_norm", "check_block_param_count",
            "check_lstm_step"]
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float) -> bool:
@@ -35,10 +33,20 @@ def _tensor_problem(got, expected: torch.Tensor) -> str | None:
     return None
 
 
-def _differs(got: torch.Tensor, expected: torch.Tensor) -> str:
-    worst = (got.double() - expected.double()).abs().max().item()
-    return (f"the values differ (largest difference {worst:.3g})\n"
-            f"expected {_short(expected)}\n     got {_short(got)}")
+def _first_problem(got, expected: torch.Tensor, slips, rtol: float, atol: float) -> str | None:
+    """None if ``got`` is ``expected`` within tolerance. Otherwise what is wrong: the type, shape
+    or dtype, else the first of ``slips()`` (pairs of a wrong reference and why) that ``got``
+    matches, else how the values differ."""
+    problem = _tensor_problem(got, expected)
+    if problem:
+        return problem
+    problem = compare_close(rtol=rtol, atol=atol)(got, expected)
+    if problem is None:
+        return None
+    for slip, why in slips():
+        if slip.shape == got.shape and _close(got, slip, rtol=rtol, atol=atol):
+            return why
+    return problem
 
 
 # -----------------------------------------------------------------------------
@@ -63,13 +71,8 @@ def check_sinusoidal_positions(fn) -> None:
     __tracebackhide__ = True
 
     def compare(got, expected) -> str | None:
-        problem = _tensor_problem(got, expected)
-        if problem:
-            return problem
-        if _close(got, expected, rtol=1e-4, atol=1e-5):
-            return None
         T, d = expected.shape
-        slips = [
+        return _first_problem(got, expected, lambda: [
             (_sinusoidal_ref(T, d, layout="blocks"),
              "your table has all the sines first and then all the cosines; the sines go in the even "
              "columns (0, 2, 4, ...) and the cosines in the odd columns (1, 3, 5, ...)"),
@@ -78,12 +81,9 @@ def check_sinusoidal_positions(fn) -> None:
             (_sinusoidal_ref(T, d, exponent="i/d"),
              "the exponent is 2i/d where i counts column PAIRS (i = 0 .. d/2 - 1), so the pair in "
              "columns 2i and 2i+1 uses 10000^(2i/d); you seem to use 10000^(i/d)"),
-        ]
-        for slip, why in slips:
-            if _close(got, slip, rtol=1e-4, atol=1e-5):
-                return why
-        return _differs(got, expected)
+        ], rtol=1e-4, atol=1e-5)
 
+    # the inputs are two small ints, printed with a failing case
     cases = [Case(f"T={T}, d={d}", args=(T, d), expected=_sinusoidal_ref(T, d).float(), compare=compare,
                   hint=hint)
              for T, d, hint in [
@@ -107,60 +107,66 @@ def _layer_norm_ref(x, weight, bias, eps, unbiased=False, eps_outside=False):
     return (x - mean) / denom * weight.double() + bias.double()
 
 
+def _layer_norm_slips(x, weight, bias, eps):
+    slips = [
+        (_layer_norm_ref(x, weight, bias, eps, unbiased=True),
+         "you used the unbiased variance (divide by d - 1); LayerNorm divides by d: "
+         "x.var(dim=-1, unbiased=False) or ((x - mean) ** 2).mean(dim=-1)"),
+        (_layer_norm_ref(x, weight, bias, eps, eps_outside=True),
+         "eps goes inside the square root: (x - mean) / sqrt(var + eps)"),
+        (_layer_norm_ref(x, torch.ones_like(weight), torch.zeros_like(bias), eps),
+         "you normalised correctly but forgot to multiply by weight and add bias"),
+    ]
+    if x.dim() >= 2:
+        xt = x.double().transpose(0, -1)
+        ref0 = _layer_norm_ref(xt, torch.ones(xt.shape[-1]), torch.zeros(xt.shape[-1]), eps)
+        slips.append((ref0.transpose(0, -1) * weight.double() + bias.double(),
+                      "normalise over the LAST dimension (dim=-1), each vector on its own"))
+    return slips
+
+
+def _layer_norm_cases() -> list[Case]:
+    """Each case's x, weight and bias come from seeds of their own; ``rebuild`` repeats them."""
+    cases = []
+    scaled = {"{}": lambda r: r, "{} * 10 + 50": lambda r: r * 10 + 50, "{} * 1e-3": lambda r: r * 1e-3}
+    for description, shape, x_seed, x_text, eps, hint in [
+        ("a (2, 3, 8) batch of random vectors", (2, 3, 8), 50, "{}", 1e-5, ""),
+        ("vectors of size 4 with a large offset and spread (x * 10 + 50)", (5, 4), 51, "{} * 10 + 50",
+         1e-5, "subtract each vector's own mean, then divide by its own standard deviation"),
+        ("vectors whose entries differ by only about 0.001, with eps=1e-5", (3, 6), 52, "{} * 1e-3",
+         1e-5, "compute (x - mean) / sqrt(var + eps): with a tiny variance, eps matters"),
+        ("a vector whose entries are all equal (variance 0), with eps=0.1", (2, 5), None,
+         "torch.full((2, 5), 3.0)", 0.1,
+         "when every entry is equal, x - mean is 0 everywhere and the output is just bias"),
+        ("a single vector (shape (16,)) with eps=0.01", (16,), 54, "{}", 1e-2, ""),
+    ]:
+        d = shape[-1]
+        if x_seed is None:
+            x = torch.full(shape, 3.0)
+        else:                                     # x_text says in Python how x is drawn
+            x = scaled[x_text](randn(*shape, seed=x_seed))
+            x_text = x_text.format(randn_call(*shape, seed=x_seed))
+        w_seed, b_seed = 100 + 2 * len(cases), 101 + 2 * len(cases)
+        weight = randn(d, seed=w_seed) * 0.5 + 1.0
+        bias = randn(d, seed=b_seed) * 0.1
+        rebuild = (f"x = {x_text}; weight = {randn_call(d, seed=w_seed)} * 0.5 + 1.0; "
+                   f"bias = {randn_call(d, seed=b_seed)} * 0.1; eps = {eps}")
+
+        def compare(got, expected, x=x, weight=weight, bias=bias, eps=eps) -> str | None:
+            return _first_problem(got, expected, lambda: _layer_norm_slips(x, weight, bias, eps),
+                                  rtol=1e-4, atol=1e-4)
+
+        cases.append(Case(description, args=(x.clone(), weight.clone(), bias.clone()),
+                          kwargs={"eps": eps}, expected=_layer_norm_ref(x, weight, bias, eps).float(),
+                          compare=compare, hint=hint, rebuild=rebuild))
+    return cases
+
+
 def check_layer_norm(fn) -> None:
     """``fn(x, weight, bias, eps=1e-5)`` normalises each vector along the LAST dimension of
     ``x`` to mean 0 and variance 1, then scales by ``weight`` and shifts by ``bias``."""
     __tracebackhide__ = True
-    g = _gen(5)
-
-    def compare_for(x, weight, bias, eps):
-        def compare(got, expected) -> str | None:
-            problem = _tensor_problem(got, expected)
-            if problem:
-                return problem
-            if _close(got, expected, rtol=1e-4, atol=1e-4):
-                return None
-            slips = [
-                (_layer_norm_ref(x, weight, bias, eps, unbiased=True),
-                 "you used the unbiased variance (divide by d - 1); LayerNorm divides by d: "
-                 "x.var(dim=-1, unbiased=False) or ((x - mean) ** 2).mean(dim=-1)"),
-                (_layer_norm_ref(x, weight, bias, eps, eps_outside=True),
-                 "eps goes inside the square root: (x - mean) / sqrt(var + eps)"),
-                (_layer_norm_ref(x, torch.ones_like(weight), torch.zeros_like(bias), eps),
-                 "you normalised correctly but forgot to multiply by weight and add bias"),
-            ]
-            if x.dim() >= 2:
-                xt = x.double().transpose(0, -1)
-                ref0 = _layer_norm_ref(xt, torch.ones(xt.shape[-1]), torch.zeros(xt.shape[-1]), eps)
-                slips.append((ref0.transpose(0, -1) * weight.double() + bias.double(),
-                              "normalise over the LAST dimension (dim=-1), each vector on its own"))
-            for slip, why in slips:
-                if slip.shape == got.shape and _close(got, slip, rtol=1e-4, atol=1e-4):
-                    return why
-            return _differs(got, expected)
-        return compare
-
-    cases = []
-    for description, x, d, eps, hint in [
-        ("a (2, 3, 8) batch of random vectors", torch.randn(2, 3, 8, generator=g), 8, 1e-5, ""),
-        ("vectors of size 4 with a large offset and spread (x * 10 + 50)",
-         torch.randn(5, 4, generator=g) * 10 + 50, 4, 1e-5,
-         "subtract each vector's own mean, then divide by its own standard deviation"),
-        ("vectors whose entries differ by only about 0.001, with eps=1e-5",
-         torch.randn(3, 6, generator=g) * 1e-3, 6, 1e-5,
-         "compute (x - mean) / sqrt(var + eps): with a tiny variance, eps matters"),
-        ("a vector whose entries are all equal (variance 0), with eps=0.1",
-         torch.full((2, 5), 3.0), 5, 0.1,
-         "when every entry is equal, x - mean is 0 everywhere and the output is just bias"),
-        ("a single vector (shape (16,)) with eps=0.01", torch.randn(16, generator=g), 16, 1e-2, ""),
-    ]:
-        weight = torch.randn(d, generator=g) * 0.5 + 1.0
-        bias = torch.randn(d, generator=g) * 0.1
-        cases.append(Case(description, args=(x.clone(), weight.clone(), bias.clone()),
-                          kwargs={"eps": eps},
-                          expected=_layer_norm_ref(x, weight, bias, eps).float(),
-                          compare=compare_for(x, weight, bias, eps), hint=hint))
-    run_cases("check_layer_norm", fn, cases)
+    run_cases("check_layer_norm", fn, _layer_norm_cases())
 
 
 # -----------------------------------------------------------------------------
@@ -184,10 +190,9 @@ def check_block_param_count(fn) -> None:
 
     def compare_for(d, bias):
         def compare(got, expected) -> str | None:
-            if isinstance(got, torch.Tensor) and got.numel() == 1:
-                got = got.item()
-            if isinstance(got, bool) or not isinstance(got, int):
-                return f"expected an int, got a {type(got).__name__}: {_short(got)}"
+            got, problem = as_int(got, "a whole number of parameters (an int)")
+            if problem:
+                return problem
             if got == expected:
                 return None
             parts = _block_counts(d, bias)
@@ -210,6 +215,7 @@ def check_block_param_count(fn) -> None:
             return f"expected {expected:,}, got {got:,}"
         return compare
 
+    # the inputs are an int and a bool, printed with a failing case
     cases = [Case(f"n_embd={d}, bias={bias}", args=(d,), kwargs={"bias": bias},
                   expected=sum(_block_counts(d, bias).values()), compare=compare_for(d, bias), hint=hint)
              for d, bias, hint in [
@@ -234,13 +240,12 @@ def _lstm_step_ref(x, h, c, w_ih, w_hh, b_ih, b_hh, order="ifgo", h_from="tanh_c
     return h_new, c_new
 
 
-def check_lstm_step(fn) -> None:
-    """``fn(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh)`` returns ``(h_new, c_new)``, one step
-    of an LSTM with PyTorch's weight layout: the four gates stacked in the order input, forget,
-    cell (g), output; shapes x (batch, input_size), h and c (batch, hidden_size), weight_ih
-    (4 * hidden_size, input_size), weight_hh (4 * hidden_size, hidden_size), biases (4 * hidden_size,)."""
-    __tracebackhide__ = True
-    g = _gen(7)
+_LSTM_ARGS = ("x", "h", "c", "weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+def _lstm_step_cases() -> list[Case]:
+    """Seven tensors per case, each from a seed of its own (seed, seed + 1, ...) times a scale;
+    ``rebuild`` repeats them."""
 
     def compare_for(args):
         def compare(got, expected) -> str | None:
@@ -264,28 +269,36 @@ def check_lstm_step(fn) -> None:
             h_s, c_s = _lstm_step_ref(*args, h_from="c")
             if _close(h_got, h_s, 1e-4, 1e-5):
                 return "h_new is o * tanh(c_new), not o * c_new"
+            close = compare_close(rtol=1e-4, atol=1e-5)
             if _close(c_got, expected[1], 1e-4, 1e-5):
-                return "c_new is right but h_new is not:\n  " + _differs(h_got, expected[0])
-            return "c_new: " + _differs(c_got, expected[1])
+                return "c_new is right but h_new is not:\n  " + close(h_got, expected[0].float())
+            return "c_new: " + close(c_got, expected[1].float())
         return compare
 
     cases = []
-    for description, B, n_in, H, state_scale, hint in [
-        ("batch 3, input_size 5, hidden_size 4, zero state", 3, 5, 4, 0.0,
+    for description, B, n_in, H, seed, state_scale, hint in [
+        ("batch 3, input_size 5, hidden_size 4, zero state", 3, 5, 4, 70, 0.0,
          "gates = x @ weight_ih.T + bias_ih + h @ weight_hh.T + bias_hh, shape (batch, 4 * hidden)"),
-        ("batch 2, input_size 3, hidden_size 6, a non-zero state", 2, 3, 6, 1.0,
+        ("batch 2, input_size 3, hidden_size 6, a non-zero state", 2, 3, 6, 80, 1.0,
          "the new memory is c_new = f * c + i * g: forget some of the old, add some of the new"),
-        ("batch 1, input_size 8, hidden_size 2, large inputs", 1, 8, 2, 3.0, ""),
+        ("batch 1, input_size 8, hidden_size 2, large inputs", 1, 8, 2, 90, 3.0, ""),
     ]:
-        x = torch.randn(B, n_in, generator=g) * (1 + state_scale)
-        h = torch.randn(B, H, generator=g) * state_scale
-        c = torch.randn(B, H, generator=g) * state_scale
-        w_ih = torch.randn(4 * H, n_in, generator=g) * 0.5
-        w_hh = torch.randn(4 * H, H, generator=g) * 0.5
-        b_ih = torch.randn(4 * H, generator=g) * 0.3
-        b_hh = torch.randn(4 * H, generator=g) * 0.3
-        args = (x, h, c, w_ih, w_hh, b_ih, b_hh)
+        shapes = [(B, n_in), (B, H), (B, H), (4 * H, n_in), (4 * H, H), (4 * H,), (4 * H,)]
+        scales = [1 + state_scale, state_scale, state_scale, 0.5, 0.5, 0.3, 0.3]
+        args = tuple(randn(*shape, seed=seed + k) * scale
+                     for k, (shape, scale) in enumerate(zip(shapes, scales)))
+        rebuild = "; ".join(f"{name} = {randn_call(*shape, seed=seed + k)} * {scale}"
+                            for k, (name, shape, scale) in enumerate(zip(_LSTM_ARGS, shapes, scales)))
         want = tuple(t.float() for t in _lstm_step_ref(*args))
         cases.append(Case(description, args=tuple(t.clone() for t in args), expected=want,
-                          compare=compare_for(args), hint=hint))
-    run_cases("check_lstm_step", fn, cases)
+                          compare=compare_for(args), hint=hint, rebuild=rebuild))
+    return cases
+
+
+def check_lstm_step(fn) -> None:
+    """``fn(x, h, c, weight_ih, weight_hh, bias_ih, bias_hh)`` returns ``(h_new, c_new)``, one step
+    of an LSTM with PyTorch's weight layout: the four gates stacked in the order input, forget,
+    cell (g), output; shapes x (batch, input_size), h and c (batch, hidden_size), weight_ih
+    (4 * hidden_size, input_size), weight_hh (4 * hidden_size, hidden_size), biases (4 * hidden_size,)."""
+    __tracebackhide__ = True
+    run_cases("check_lstm_step", fn, _lstm_step_cases())
