@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from lessons_lib.exercises import CheckFailed
 from lessons_lib.exercises.ch01 import (check_bigram_counts, check_cross_entropy, check_make_batch,
-                                        check_numerical_gradient, check_perplexity, check_sample_bigram)
+                                        check_numerical_gradient, check_sample_bigram)
 
 # -----------------------------------------------------------------------------
 # bigram counts
@@ -105,37 +105,6 @@ def test_cross_entropy_rejects_a_sum_and_a_missing_mean():
 def test_cross_entropy_rejects_a_missing_minus_sign():
     with pytest.raises(CheckFailed, match="expected about"):
         check_cross_entropy(lambda lg, t: -cross_entropy_right(lg, t))
-
-
-# -----------------------------------------------------------------------------
-# perplexity
-
-
-def perplexity_right(probs, ids):
-    return torch.exp(-probs[ids[:-1], ids[1:]].log().mean())
-
-
-def test_perplexity_accepts_a_correct_answer(capsys):
-    check_perplexity(perplexity_right)
-    check_perplexity(lambda p, ids: float(perplexity_right(p, ids)))
-    assert capsys.readouterr().out.count("all 4 checks passed") == 2
-
-
-def test_perplexity_rejects_a_transposed_lookup():
-    with pytest.raises(CheckFailed, match="expected about"):
-        check_perplexity(lambda p, ids: torch.exp(-p[ids[1:], ids[:-1]].log().mean()))
-
-
-def test_perplexity_rejects_the_sum_instead_of_the_mean():
-    with pytest.raises(CheckFailed, match="expected about"):
-        check_perplexity(lambda p, ids: torch.exp(-p[ids[:-1], ids[1:]].log().sum()))
-
-
-def test_perplexity_rejects_returning_the_loss_or_base_two():
-    with pytest.raises(CheckFailed, match="expected about"):
-        check_perplexity(lambda p, ids: -p[ids[:-1], ids[1:]].log().mean())
-    with pytest.raises(CheckFailed, match="expected about"):
-        check_perplexity(lambda p, ids: 2 ** (-p[ids[:-1], ids[1:]].log().mean()))
 
 
 # -----------------------------------------------------------------------------
@@ -332,7 +301,6 @@ def test_a_failing_random_case_prints_a_line_that_rebuilds_it():
 @pytest.mark.parametrize("checker, answer", [
     (check_bigram_counts, lambda ids, v: counts_right(ids, v)),
     (check_cross_entropy, cross_entropy_right),
-    (check_perplexity, perplexity_right),
     (check_sample_bigram, sample_right),
     (check_make_batch, make_batch_right),
     (check_numerical_gradient, numerical_gradient_right),

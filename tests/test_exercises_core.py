@@ -57,3 +57,8 @@ def test_as_int():
     assert as_int(np.int64(9)) == (9, None)
     assert as_int(4.5)[0] is None and "4.5" in as_int(4.5)[1]
     assert as_int(True)[0] is None
+
+
+def test_randint_call_rebuilds_randint():
+    from lessons_lib.exercises._core import randint, randint_call
+    assert torch.equal(eval(randint_call(7, 50, seed=3), {"torch": torch}), randint(7, 50, seed=3))

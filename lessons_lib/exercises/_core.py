@@ -59,6 +59,16 @@ def randn_call(*shape: int, seed: int) -> str:
     return f"torch.randn({dims}, generator=torch.Generator().manual_seed({seed}))"
 
 
+def randint(high: int, n: int, seed: int) -> torch.Tensor:
+    """``n`` ids in ``0..high-1`` from a generator seeded with ``seed`` (see :func:`randint_call`)."""
+    return torch.randint(high, (n,), generator=generator(seed))
+
+
+def randint_call(high: int, n: int, seed: int) -> str:
+    """The one-line call a learner can paste to rebuild ``randint(high, n, seed=seed)``."""
+    return f"torch.randint({high}, ({n},), generator=torch.Generator().manual_seed({seed}))"
+
+
 def as_number(got, what: str = "a single number") -> tuple[float | None, str | None]:
     """A finite float out of an int, a float, a NumPy scalar or a one-element tensor/array;
     otherwise ``(None, message)`` that says what came instead."""

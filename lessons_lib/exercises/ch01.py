@@ -14,13 +14,12 @@ import re
 import torch
 import torch.nn.functional as F
 
-from ._core import (Case, CheckFailed, _short, as_number, compare_close, generator, randn, randn_call,
-                    run_cases)
+from ._core import (Case, CheckFailed, _short, as_number, compare_close, generator, randint,
+                    randint_call, randn, randn_call, run_cases)
 
 __all__ = [
     "check_bigram_counts",
     "check_cross_entropy",
-    "check_perplexity",
     "check_sample_bigram",
     "check_make_batch",
     "check_numerical_gradient",
@@ -49,15 +48,6 @@ def _compare_scalar(rtol: float = 1e-4, atol: float = 1e-5, what: str = "a singl
             return f"expected about {expected:.6g}, got {value:.6g}"
         return None
     return compare
-
-
-def _randint(high: int, n: int, seed: int) -> torch.Tensor:
-    """``torch.randint(high, (n,), generator=...)`` seeded with ``seed`` (see _randint_call)."""
-    return torch.randint(high, (n,), generator=generator(seed))
-
-
-def _randint_call(high: int, n: int, seed: int) -> str:
-    return f"torch.randint({high}, ({n},), generator=torch.Generator().manual_seed({seed}))"
 
 
 def _as_long_list(got, name: str) -> tuple[list[int] | None, str | None]:
@@ -123,8 +113,8 @@ def check_bigram_counts(fn) -> None:
         ("ids [0, 1, 2, 1, 2] with vocab_size 3", [0, 1, 2, 1, 2], 3, ""),
         ("ids [2, 2, 2, 2] (the same pair three times) with vocab_size 4", [2, 2, 2, 2], 4, ""),
         ("ids [1, 0] with vocab_size 5 (most ids never occur)", [1, 0], 5, ""),
-        ("500 random ids with vocab_size 7", _randint(7, 500, seed=101), 7,
-         f"ids = {_randint_call(7, 500, seed=101)}; vocab_size = 7"),
+        ("500 random ids with vocab_size 7", randint(7, 500, seed=101), 7,
+         f"ids = {randint_call(7, 500, seed=101)}; vocab_size = 7"),
     ]:
         ids = torch.as_tensor(ids, dtype=torch.long)
         cases.append(Case(description, (ids.clone(), vocab_size), _reference_counts(ids, vocab_size),
@@ -143,7 +133,7 @@ def check_cross_entropy(fn) -> None:
     ``(N,)``; the answer is one number (a float or a 0-d tensor), in nats."""
     __tracebackhide__ = True
     random_rebuild = (f"logits = 3 * {randn_call(40, 10, seed=102)}; "
-                      f"targets = {_randint_call(10, 40, seed=1102)}")
+                      f"targets = {randint_call(10, 40, seed=1102)}")
     cases_in = [
         ("2 positions, 3 classes, small logits",
          torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]]), torch.tensor([0, 1]), ""),
@@ -151,7 +141,7 @@ def check_cross_entropy(fn) -> None:
          torch.zeros(5, 64), torch.tensor([0, 7, 63, 20, 5]),
          "with equal logits every class gets probability 1/64, so the loss is ln(64)"),
         ("40 positions, 10 classes, random logits",
-         3 * randn(40, 10, seed=102), _randint(10, 40, seed=1102), ""),
+         3 * randn(40, 10, seed=102), randint(10, 40, seed=1102), ""),
         ("a single position", torch.tensor([[0.3, -0.2, 1.5, 0.0]]), torch.tensor([3]), ""),
         ("large logits (1000 and more), where exp() overflows to inf",
          torch.tensor([[1000.0, 0.0, -1000.0], [0.0, 1000.0, 999.0], [5000.0, 4999.0, 4998.0]]),
@@ -173,46 +163,6 @@ def check_cross_entropy(fn) -> None:
                           hint=hint or "log-softmax each row over the classes (dim=-1), pick the "
                                        "target's entry, negate, average over positions"))
     run_cases("check_cross_entropy", fn, cases)
-
-
-# -----------------------------------------------------------------------------
-# exercise: perplexity of a sequence under a bigram table
-
-
-def check_perplexity(fn) -> None:
-    """Grade ``fn(probs, ids) -> perplexity``: ``probs`` is a ``(V, V)`` table with
-    ``probs[i, j] = P(next = j | current = i)``, ``ids`` a 1-D tensor of token ids; the answer
-    is ``exp`` of the mean of ``-ln probs[ids[t], ids[t + 1]]``, one number."""
-    __tracebackhide__ = True
-    cycle = torch.zeros(3, 3)
-    cycle[0, 1] = cycle[1, 2] = cycle[2, 0] = 1.0
-    skewed = torch.tensor([[0.9, 0.1], [0.5, 0.5]])
-    random_table = torch.softmax(2 * randn(6, 6, seed=103), dim=-1)
-    random_ids = _randint(6, 200, seed=1103)
-    random_rebuild = (f"probs = torch.softmax(2 * {randn_call(6, 6, seed=103)}, dim=-1); "
-                      f"ids = {_randint_call(6, 200, seed=1103)}")
-    cases_in = [
-        ("a uniform table over 5 tokens", torch.full((5, 5), 0.2), torch.tensor([0, 3, 3, 1, 4, 2]),
-         "a model that spreads its bets evenly over V tokens has perplexity V"),
-        ("a table that always moves 0 -> 1 -> 2 -> 0, on ids that follow it", cycle,
-         torch.tensor([0, 1, 2, 0, 1, 2, 0]), "a model that is always certain and right has perplexity 1"),
-        ("the table [[0.9, 0.1], [0.5, 0.5]] on ids [0, 0, 0, 1, 1, 0]", skewed,
-         torch.tensor([0, 0, 0, 1, 1, 0]),
-         "row = current token, column = next token; average -ln P over the 5 pairs, then exp"),
-        ("a random 6 x 6 table on 200 random ids", random_table, random_ids, ""),
-    ]
-    cases = []
-    for description, probs, ids, hint in cases_in:
-        nll = sum(-math.log(probs[a, b].item()) for a, b in zip(ids[:-1].tolist(), ids[1:].tolist()))
-        rebuild = random_rebuild if "random" in description else ""
-        cases.append(Case(description, (probs.clone(), ids.clone()), math.exp(nll / (len(ids) - 1)),
-                          rebuild=rebuild,
-                          compare=_compare_scalar(
-                              rtol=1e-4, atol=1e-5, what="a single number (the perplexity)",
-                              not_finite="An infinite perplexity means some pair of the sequence got "
-                                         "probability 0: is the table read as probs[current, next]?"),
-                          hint=hint or "exp(mean over t of -ln probs[ids[t], ids[t + 1]])"))
-    run_cases("check_perplexity", fn, cases)
 
 
 # -----------------------------------------------------------------------------
@@ -330,10 +280,10 @@ def check_make_batch(fn) -> None:
     window shifted one token to the right; both have shape ``(len(starts), block_size)``."""
     __tracebackhide__ = True
     ramp = torch.arange(100, 112)                   # values reveal positions: data[i] = 100 + i
-    random_data = _randint(50, 300, seed=104)
-    random_starts = _randint(300 - 16, 8, seed=1104)
-    random_rebuild = (f"data = {_randint_call(50, 300, seed=104)}; "
-                      f"starts = {_randint_call(300 - 16, 8, seed=1104)}; block_size = 16")
+    random_data = randint(50, 300, seed=104)
+    random_starts = randint(300 - 16, 8, seed=1104)
+    random_rebuild = (f"data = {randint_call(50, 300, seed=104)}; "
+                      f"starts = {randint_call(300 - 16, 8, seed=1104)}; block_size = 16")
 
     def reference(data, starts, block_size):
         inputs = torch.stack([data[s:s + block_size] for s in starts.tolist()])
