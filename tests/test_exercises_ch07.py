@@ -148,6 +148,7 @@ def whole_split_right(model, ids, block_size):
     return total / len(inputs)
 
 
+@pytest.mark.slow
 def test_whole_split_accepts_the_window_loop(capsys):
     check_whole_split_loss(whole_split_right)
     assert "all 6 checks passed" in capsys.readouterr().out
