@@ -134,8 +134,9 @@ def _compare_loglog(x, y):
 
 
 def check_loglog_fit(fn) -> None:
-    """Grade ``fn(x, loss) -> (alpha, A)``: least squares of ``log loss = log A - alpha log x``
-    (a straight line in log-log axes). ``x`` and ``loss`` arrive as 1-D float64 tensors."""
+    """Grade ``fn(x, loss) -> (alpha, A)`` (the notebook's ``fit_loglog_line``): least squares of
+    ``log loss = log A - alpha log x`` (a straight line in log-log axes). ``x`` and ``loss``
+    arrive as 1-D float64 tensors."""
     __tracebackhide__ = True
     cases = [Case(desc, args=(x, y), expected=_loglog_reference(x, y),
                   compare=_compare_loglog(x, y), rebuild=_rebuild("loglog_fit", k, "x, loss", (x, y)),
