@@ -166,6 +166,7 @@ def test_surface_accepts_a_correct_answer(capsys):
     assert "all 3 checks passed" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_surface_accepts_the_librarys_fit():
     check_loss_surface(fit_loss_surface)
 
