@@ -67,3 +67,28 @@ def test_opens_with_a_title_and_ends_with_further_reading(path):
     assert texts[0].lstrip().startswith("# "), f"{path.name} must open with a title"
     assert any("Further reading" in t for t in texts), f"{path.name} has no further reading"
     assert any("What we measured" in t for t in texts), f"{path.name} has no 'What we measured' section"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_visible_code_fits_the_page(path):
+    """The site's code column shows about 80 characters before it scrolls sideways."""
+    wide = [(i, line) for i, c in enumerate(cells(path)) if c["cell_type"] == "code"
+            and "remove-input" not in c.get("metadata", {}).get("tags", [])
+            for line in source(c).split("\n") if len(line) > 80]
+    assert not wide, f"{path.name}: {len(wide)} visible code lines over 80 characters, e.g. {wide[:3]}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_headings_are_not_numbered_by_hand(path):
+    """The book numbers sections itself; '## 3.1 Queries' would render as '3.1. 3.1 Queries'."""
+    numbered = [line for c in cells(path) if c["cell_type"] == "markdown"
+                for line in source(c).split("\n") if re.match(r"#{1,6}\s+\d+(\.\d+)*[.)]?\s", line)]
+    assert not numbered, f"{path.name}: headings numbered by hand: {numbered}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_later_chapters_are_named(path):
+    """'A later chapter' leaves the learner guessing: name it (see the map in intro.md)."""
+    vague = [m.group(0) for c in cells(path) if c["cell_type"] == "markdown"
+             for m in re.finditer(r"\b(a|the) (later|future|coming) chapters?\b", source(c), re.I)]
+    assert not vague, f"{path.name}: {vague}"
