@@ -76,6 +76,11 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     """
     _check_logits(logits)
     _check_filters(top_k, top_p)
+    return _filter(logits, top_k, top_p)
+
+
+def _filter(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """filter_logits without the argument checks (its callers have made them)."""
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -109,7 +114,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     _check_logits(logits)
     if greedy:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    logits = _filter(logits.float() / temperature, top_k, top_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)
 
