@@ -103,7 +103,7 @@ class LearnedPositions(nn.Module):
 # 2. the feed-forward network
 
 class MLP(nn.Module):
-    """Linear(d, 4d) -> GELU -> Linear(4d, d) -> dropout, applied to each position alone.
+    """Linear(d, 4d) -> GELU -> Linear(4d, d) -> dropout, position by position.
 
     GELU uses the tanh approximation, the one GPT-2 was trained with."""
 
@@ -116,41 +116,45 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.c_proj(self.gelu(self.c_fc(x)))
-        return self.dropout(x) if self.training else x      # in eval mode dropout does nothing
+        return self.dropout(x) if self.training else x  # eval: no dropout
 
 
 # -----------------------------------------------------------------------------
 # 3. the Transformer block
 
 class Block(nn.Module):
-    """Pre-LN Transformer block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``.
+    """Pre-LN block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``.
 
-    ``causal=True`` (the default, a decoder such as GPT) lets position t see only 0..t;
-    ``causal=False`` gives an encoder block that sees the whole sequence.
+    ``causal=True`` (the default, a decoder such as GPT) lets position t see
+    only 0..t; ``causal=False`` gives an encoder block that sees everything.
     """
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True,
-                 causal: bool = True):
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0,
+                 bias: bool = True, causal: bool = True):
         super().__init__()
         positive_int("n_embd", n_embd)
         positive_int("n_head", n_head)
         self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
-        self.attn = MultiHeadAttention(n_embd, n_head, bias=bias, causal=causal, dropout=dropout)
+        self.attn = MultiHeadAttention(n_embd, n_head, bias=bias,
+                                       causal=causal, dropout=dropout)
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, dropout=dropout, bias=bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 return_weights: bool = False, kv: tuple | None = None):
-        """``x`` (batch, T, n_embd) -> same shape; with ``return_weights=True`` also the
-        attention weights (batch, n_head, T, T). ``mask`` and ``kv`` (a key/value cache, see
-        :class:`KVCache`) are passed to the attention; weights and a cache cannot be asked for
-        at once (ValueError), as in :class:`~lessons_lib.attention.MultiHeadAttention`."""
+        """``x`` (batch, T, n_embd) -> same shape; with ``return_weights``
+        also the attention weights (batch, n_head, T, T). ``mask`` and ``kv``
+        (one layer of a :class:`KVCache`) go to the attention, which refuses
+        weights and a cache at once (ValueError)."""
         n_embd = self.attn.d_model
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != n_embd:
-            raise ValueError(
-                f"x must have shape (batch, T, n_embd={n_embd}), got {getattr(x, 'shape', type(x).__name__)}")
-        if return_weights:      # with kv the attention raises: no weights from the cache path
-            a, weights = self.attn(self.ln_1(x), mask=mask, return_weights=True, kv=kv)
+        if (not isinstance(x, torch.Tensor) or x.dim() != 3
+                or x.shape[-1] != n_embd):
+            got = getattr(x, "shape", type(x).__name__)
+            raise ValueError(f"x must have shape (batch, T, n_embd={n_embd}), "
+                             f"got {got}")
+        if return_weights:
+            a, weights = self.attn(self.ln_1(x), mask=mask,
+                                   return_weights=True, kv=kv)
         else:
             a = self.attn(self.ln_1(x), mask=mask, kv=kv)
         x = x + a
@@ -312,27 +316,28 @@ class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        if config.n_embd % config.n_head:
-            raise ValueError(f"n_embd={config.n_embd} is not divisible by n_head={config.n_head}")
-        self.config = config
+        self.config = config           # GPTConfig has checked n_embd % n_head == 0
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         if config.positions == "learned":
             self.wpe = LearnedPositions(config.block_size, config.n_embd)
         else:
-            self.register_buffer("sinusoid", sinusoidal_positions(config.block_size, config.n_embd),
-                                 persistent=False)
+            table = sinusoidal_positions(config.block_size, config.n_embd)
+            self.register_buffer("sinusoid", table, persistent=False)
         self.drop = nn.Dropout(config.dropout)
-        self.h = nn.ModuleList([Block(config.n_embd, config.n_head, config.dropout, config.bias)
-                                for _ in range(config.n_layer)])
+        self.h = nn.ModuleList(
+            [Block(config.n_embd, config.n_head, config.dropout, config.bias)
+             for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
-        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), one per residual addition
+        # GPT-2 scales the projections into the residual stream by
+        # 1/sqrt(2 * n_layer): two residual additions per layer
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                std = 0.02 / math.sqrt(2 * config.n_layer)
+                nn.init.normal_(p, mean=0.0, std=std)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -355,23 +360,26 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None):
-        """``idx`` (batch, T) token ids -> ``(logits (batch, T, vocab_size), loss or None)``.
+        """``idx`` (batch, T) token ids -> ``(logits (batch, T, vocab), loss)``.
 
-        ``targets`` (batch, T) gives the cross-entropy loss; -100 marks positions to ignore.
-        With ``kv_cache`` the tokens continue the cached sequence at position ``kv_cache.pos``.
+        ``targets`` (batch, T) gives the cross-entropy loss (-100 marks
+        positions to ignore); without them ``loss`` is None. With ``kv_cache``
+        the tokens continue the cached sequence at ``kv_cache.pos``.
         """
         token_ids(idx, "idx")
         B, T = idx.shape
-        start = kv_cache.pos if kv_cache is not None else 0
-        limit = kv_cache.max_len if kv_cache is not None else self.config.block_size
+        cached = kv_cache is not None
+        start = kv_cache.pos if cached else 0
+        limit = kv_cache.max_len if cached else self.config.block_size
         if T == 0 or start + T > min(limit, self.config.block_size):
-            raise ValueError(f"sequence of length {T} at position {start} does not fit the model's "
-                             f"block_size={self.config.block_size}"
-                             + (f" or the cache's {limit} positions" if kv_cache is not None else ""))
-        if kv_cache is not None:
-            kv_cache.start(B, T)                       # the batch the cache was built for
+            raise ValueError(
+                f"sequence of length {T} at position {start} does not fit "
+                f"the model's block_size={self.config.block_size}"
+                + (f" or the cache's {limit} positions" if cached else ""))
+        if cached:
+            kv_cache.start(B, T)          # checks the batch the cache holds
         token_ids(idx, "idx", vocab_size=self.config.vocab_size)
-        idx = idx.long()                               # any integer dtype; Embedding wants int64
+        idx = idx.long()             # any integer dtype; Embedding wants int64
 
         if self.config.positions == "learned":
             pos = self.wpe(T, start=start)
@@ -381,11 +389,13 @@ class GPT(nn.Module):
         if self.training:
             x = self.drop(x)
         for i, block in enumerate(self.h):
-            x = block(x, kv=kv_cache.layer(i) if kv_cache is not None else None)
-        if kv_cache is not None:
+            x = block(x, kv=kv_cache.layer(i) if cached else None)
+        if cached:
             kv_cache.advance(T)
         logits = self.lm_head(self.ln_f(x))
-        return logits, (None if targets is None else next_token_loss(logits, targets))
+        if targets is None:
+            return logits, None
+        return logits, next_token_loss(logits, targets)
 
     @classmethod
     def from_hf_gpt2(cls, path) -> "GPT":
