@@ -26,6 +26,8 @@ from typing import Any, Callable
 
 import torch
 
+from ..checks import is_int
+
 
 class CheckFailed(AssertionError):
     """A learner's answer did not pass a check; the message says why."""
@@ -112,7 +114,7 @@ def as_int(got, what: str = "a whole number (an int)") -> tuple[int | None, str 
         pass
     if isinstance(got, float) and got.is_integer():
         got = int(got)
-    if isinstance(got, bool) or not isinstance(got, int):
+    if not is_int(got):
         return None, f"expected {what}, got {_short(got)}"
     return got, None
 

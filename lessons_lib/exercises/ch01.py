@@ -14,6 +14,7 @@ import re
 import torch
 import torch.nn.functional as F
 
+from ..checks import is_int
 from ._core import (Case, CheckFailed, _short, as_number, compare_close, generator, randint,
                     randint_call, randn, randn_call, run_cases)
 
@@ -63,7 +64,7 @@ def _as_long_list(got, name: str) -> tuple[list[int] | None, str | None]:
     for v in got:
         if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.dtype.is_floating_point:
             v = int(v)
-        if isinstance(v, bool) or not isinstance(v, int):
+        if not is_int(v):
             return None, f"expected integer token ids in {name}, found {v!r} of type {type(v).__name__}"
         values.append(v)
     return values, None

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from scipy.optimize import least_squares
 
+from ..checks import is_int
 from ..scaling import BESIROGLU_2024, CHINCHILLA_2022
 from ._core import Case, _short, as_number, generator, run_cases
 
@@ -481,7 +482,7 @@ def exercise_inputs(name: str, k: int):
     if name not in _INPUTS:
         raise ValueError(f"name must be one of {sorted(_INPUTS)}, got {name!r}")
     cases = _INPUTS[name]()
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(cases):
+    if not is_int(k) or not 1 <= k <= len(cases):
         raise ValueError(f"k must be an int from 1 to {len(cases)}, got {k!r}")
     args, _ = cases[k - 1]
     return tuple(a.clone() if isinstance(a, torch.Tensor) else
