@@ -16,6 +16,7 @@ The cache folder is ``~/.cache/lessons_lib``; set ``LESSONS_LIB_CACHE`` to move 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import subprocess
 import sys
@@ -133,6 +134,21 @@ def read_bytes(name: str, member: str) -> bytes:
 
 def read_text(name: str, member: str) -> str:
     return read_bytes(name, member).decode("utf-8")
+
+
+def read_inner_text(name: str, member: str, inner: str) -> str:
+    """A text file packed in a tar.gz that is itself a file of asset ``name``'s archive.
+
+    The VADER package ships its human-rated data this way: ``member`` is the inner tar.gz,
+    ``inner`` the file inside it."""
+    with tarfile.open(fileobj=io.BytesIO(read_bytes(name, member))) as archive:
+        try:
+            handle = archive.extractfile(inner)
+        except KeyError:
+            handle = None
+        if handle is None:
+            raise ValueError(f"asset {name!r}: {member!r} has no file {inner!r}")
+        return handle.read().decode("utf-8")
 
 
 def prefetch() -> None:

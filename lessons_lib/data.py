@@ -7,17 +7,25 @@
 are close to published ones, not equal. ``train_val_split`` keeps the last 10% for
 validation, as nanoGPT does.
 ``get_batch`` draws random windows and returns inputs with targets shifted by one token.
+
+``load_movie_ratings()`` reads 10,605 movie-review snippets, each with the mean sentiment
+(-4..+4) human raters gave it (Hutto & Gilbert 2014, shipped in the vaderSentiment sdist).
+``split_ratings`` fixes a train / held-out split by snippet; ``preference_pairs`` builds
+(chosen, rejected) pairs from snippets whose ratings differ by a clear margin.
 """
 
 from __future__ import annotations
 
+import math
+import random
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
 from . import assets
-from .checks import positive_int, token_ids
+from .checks import non_negative_int, positive_int, token_ids
 
 # Coriolanus first, like the classic input.txt; together about 1.09 million characters.
 SHAKESPEARE_PLAYS = (
@@ -101,3 +109,78 @@ def get_batch(data: torch.Tensor, batch_size: int, block_size: int,
     windows = data[starts[:, None] + offsets]          # (batch, block_size + 1)
     inputs, targets = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
     return inputs.to(device), targets.to(device)
+
+
+# -----------------------------------------------------------------------------
+# human feedback: movie-review snippets rated by people
+
+RATINGS_MEMBER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
+RATINGS_FILE = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+
+
+@dataclass(frozen=True)
+class RatedSnippet:
+    id: int          # the snippet's number in the original file, 1..10,605
+    score: float     # mean human rating, -4 (very negative) .. +4 (very positive)
+    text: str
+
+
+@lru_cache(maxsize=None)
+def load_movie_ratings() -> tuple[RatedSnippet, ...]:
+    """The 10,605 rated movie-review snippets, in the file's order."""
+    text = assets.read_inner_text("vader", RATINGS_MEMBER, RATINGS_FILE)
+    snippets = []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        fields = line.split("\t")
+        if len(fields) != 3:
+            raise ValueError(f"{RATINGS_FILE} line {line_no}: expected id, score, text "
+                             f"separated by tabs, got {line[:60]!r}")
+        snippets.append(RatedSnippet(int(fields[0]), float(fields[1]), fields[2].strip()))
+    return tuple(snippets)
+
+
+def split_ratings(snippets, val_fraction: float = 0.1, seed: int = 0):
+    """A fixed split by snippet: a seeded shuffle, then the last ``val_fraction`` held out.
+
+    The same snippets land on the same side on every machine, so pairs built from held-out
+    snippets never share a snippet with training."""
+    snippets = list(snippets)
+    order = list(range(len(snippets)))
+    random.Random(seed).shuffle(order)
+    train, val = train_val_split(order, val_fraction)
+    return [snippets[i] for i in train], [snippets[i] for i in val]
+
+
+def preference_pairs(snippets, margin: float = 1.0, n_pairs: int | None = None, seed: int = 0):
+    """``(chosen, rejected)`` pairs of snippets whose human ratings differ by at least
+    ``margin``; chosen is the higher-rated one.
+
+    Each snippet is paired with random partners (a seeded shuffle, repeated until ``n_pairs``
+    pairs are found, or one pass over the snippets when ``n_pairs`` is None); pairs closer than
+    ``margin`` are skipped, as raters would not agree on their order.
+    """
+    snippets = list(snippets)
+    if len(snippets) < 2:
+        raise ValueError(f"need at least 2 snippets to make pairs, got {len(snippets)}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) \
+            or not math.isfinite(margin) or margin < 0:
+        raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+    if n_pairs is not None:
+        non_negative_int("n_pairs", n_pairs)
+    spread = max(s.score for s in snippets) - min(s.score for s in snippets)
+    if margin > spread:
+        raise ValueError(f"no two snippets differ by margin={margin}: the ratings span {spread:.2f}")
+    rng = random.Random(seed)
+    pairs, passes = [], 0
+    while (n_pairs is None and passes == 0) or (n_pairs is not None and len(pairs) < n_pairs):
+        order = list(range(len(snippets)))
+        rng.shuffle(order)
+        for a, b in zip(order[0::2], order[1::2]):
+            first, second = snippets[a], snippets[b]
+            if abs(first.score - second.score) >= margin:
+                pairs.append((first, second) if first.score > second.score else (second, first))
+        passes += 1
+        if passes > 1000:
+            raise ValueError(f"found only {len(pairs)} pairs with margin={margin} in 1000 passes; "
+                             f"ask for fewer than {n_pairs}")
+    return pairs if n_pairs is None else pairs[:n_pairs]
