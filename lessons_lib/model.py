@@ -358,13 +358,12 @@ class GPT(nn.Module):
         p = self.wte.weight
         return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None):
-        """``idx`` (batch, T) token ids -> ``(logits (batch, T, vocab), loss)``.
-
-        ``targets`` (batch, T) gives the cross-entropy loss (-100 marks
-        positions to ignore); without them ``loss`` is None. With ``kv_cache``
-        the tokens continue the cached sequence at ``kv_cache.pos``.
+    def hidden_states(self, idx: torch.Tensor,
+                      kv_cache: KVCache | None = None) -> torch.Tensor:
+        """``idx`` (batch, T) token ids -> the final LayerNorm's output
+        (batch, T, n_embd): what the head reads (and a reward model's or a
+        value head's scalar head, chapter 10). With ``kv_cache`` the tokens
+        continue the cached sequence at ``kv_cache.pos``.
         """
         token_ids(idx, "idx")
         B, T = idx.shape
@@ -392,7 +391,17 @@ class GPT(nn.Module):
             x = block(x, kv=kv_cache.layer(i) if cached else None)
         if cached:
             kv_cache.advance(T)
-        logits = self.lm_head(self.ln_f(x))
+        return self.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None):
+        """``idx`` (batch, T) token ids -> ``(logits (batch, T, vocab), loss)``.
+
+        ``targets`` (batch, T) gives the cross-entropy loss (-100 marks
+        positions to ignore); without them ``loss`` is None. With ``kv_cache``
+        the tokens continue the cached sequence at ``kv_cache.pos``.
+        """
+        logits = self.lm_head(self.hidden_states(idx, kv_cache))
         if targets is None:
             return logits, None
         return logits, next_token_loss(logits, targets)
