@@ -1,11 +1,13 @@
 """Pre-trained models the chapters share, built here by a fixed recipe and cached.
 
-Chapter 7 trains a small character-level GPT on the Shakespeare corpus. Later chapters start
-from that model instead of training it again:
+Chapter 7 trains a small character-level GPT on the Shakespeare corpus; chapters 9-11 start
+from a GPT pre-trained on the rated movie-review snippets (byte-level BPE, 1,024 tokens).
+Later chapters load them instead of training them again:
 
-    from lessons_lib.pretrained import shakespeare_char
+    from lessons_lib.pretrained import movie_gpt, shakespeare_char
     model, tokenizer, report = shakespeare_char()      # trains on first call (about a minute)
     print(report.val_loss, report.train_seconds)
+    model, tokenizer, report = movie_gpt()             # the base model of chapters 9-11
 
 The first call trains with the chapter's recipe and saves the weights as a safetensors file in
 the cache folder (``lessons_lib.assets.cache_dir()``, i.e. ``LESSONS_LIB_CACHE`` or
@@ -25,6 +27,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -33,17 +36,20 @@ from safetensors import SafetensorError, safe_open
 
 from . import assets
 from .checks import eval_mode, positive_int, token_ids
-from .data import load_shakespeare, train_val_split
+from .data import load_movie_ratings, load_shakespeare, split_ratings, train_val_split
 from .model import GPT, GPTConfig
-from .tokenizers import CharTokenizer
+from .tokenizers import BPETokenizer, CharTokenizer
 from .runtime import choose_device, choose_precision, model_device, runtime
 from .train import TrainConfig, load_checkpoint, save_checkpoint, train
 
-__all__ = ["Recipe", "RECIPES", "PretrainReport", "evaluate_split", "shakespeare_data",
-           "train_shakespeare_char", "shakespeare_char", "cache_path", "models_dir"]
+__all__ = ["Recipe", "RECIPES", "CORPORA", "PretrainReport", "evaluate_split", "shakespeare_data",
+           "movie_data", "train_pretrained", "train_shakespeare_char", "pretrained",
+           "shakespeare_char", "movie_gpt", "cache_path", "models_dir", "END_OF_TEXT"]
 
 # bump when the meaning of a recipe changes (data, model code) so old caches are not reused
 FORMAT_VERSION = 2
+END_OF_TEXT = "<|endoftext|>"        # separates the movie snippets; a special token of their BPE
+CORPUS_NAMES = ("shakespeare-char", "movie-snippets-bpe1024")    # what CORPORA (below) builds
 
 
 # -----------------------------------------------------------------------------
@@ -127,8 +133,11 @@ class Recipe:
     seed: int = 1337
     eval_interval: int = 450
     eval_batches: int = 20
+    corpus: str = "shakespeare-char"     # one of CORPORA: the text and its tokenizer
 
     def __post_init__(self):
+        if self.corpus not in CORPUS_NAMES:
+            raise ValueError(f"unknown corpus {self.corpus!r}; the corpora are {list(CORPUS_NAMES)}")
         self.model_config(64)            # let GPTConfig and TrainConfig check the numbers
         self.train_config()
 
@@ -159,7 +168,7 @@ class Recipe:
         """A short hash of every field, with the precision resolved (and of the cache format):
         the cache file's name."""
         fields = asdict(self.resolved(device))
-        text = json.dumps({"format": FORMAT_VERSION, "corpus": "shakespeare-char", **fields}, sort_keys=True)
+        text = json.dumps({"format": FORMAT_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -170,6 +179,10 @@ RECIPES: dict[str, Recipe] = {
     # a longer run: 4 layers, 9,000 steps at lr 3e-3 (about 3 minutes where bfloat16 is native,
     # about 6 in float32 on an AVX2 CPU); validation loss about 1.53
     "3min": Recipe(n_layer=4, max_steps=9000, lr=3e-3, warmup_steps=270, eval_interval=1500),
+    # chapters 9-11's base model: 4 layers x 128 on the training snippets, 200 steps of 64 x 64
+    # tokens (FINDINGS: about 136 s on one AVX2 thread, val about 4.5 nats per token)
+    "movies": Recipe(corpus="movie-snippets-bpe1024", n_layer=4, batch_size=64, max_steps=200,
+                     lr=3e-3, warmup_steps=6, eval_interval=100, eval_batches=10),
 }
 
 
@@ -214,6 +227,40 @@ def shakespeare_data(val_fraction: float = 0.1):
     return tokenizer, train_ids, val_ids
 
 
+@lru_cache(maxsize=None)
+def _movie_tokens(vocab_size: int):
+    train, val = split_ratings(load_movie_ratings())
+    tokenizer = BPETokenizer().train("\n".join(s.text for s in train), vocab_size - 1)
+    tokenizer.add_special_tokens([END_OF_TEXT])
+    eot = tokenizer.special_tokens[END_OF_TEXT]
+
+    def stream(snippets):                    # snippet, end of text, snippet, end of text, ...
+        return [i for s in snippets for i in tokenizer.encode_ordinary(s.text) + [eot]]
+    return tokenizer.to_dict(), stream(train), stream(val)
+
+
+def movie_data(vocab_size: int = 1024):
+    """``(tokenizer, train_ids, val_ids)``: the rated movie snippets as one stream of BPE tokens
+    per side of :func:`lessons_lib.data.split_ratings`' fixed split, each snippet followed by
+    the end-of-text token. The byte-level BPE (``vocab_size`` ids, the last one
+    ``<|endoftext|>``) is trained on the training snippets only."""
+    positive_int("vocab_size", vocab_size)
+    if vocab_size <= 257:
+        raise ValueError(f"vocab_size must exceed 257 (256 bytes and the end-of-text token), "
+                         f"got {vocab_size}")
+    tokenizer, train_ids, val_ids = _movie_tokens(vocab_size)
+    return (BPETokenizer.from_dict(tokenizer), torch.tensor(train_ids, dtype=torch.long),
+            torch.tensor(val_ids, dtype=torch.long))
+
+
+# what each Recipe.corpus means: a function returning (tokenizer, train_ids, val_ids)
+CORPORA = {
+    "shakespeare-char": shakespeare_data,
+    "movie-snippets-bpe1024": lambda: movie_data(1024),
+}
+assert tuple(CORPORA) == CORPUS_NAMES
+
+
 def _as_recipe(recipe) -> Recipe:
     if recipe is None:
         return RECIPES["1min"]
@@ -235,12 +282,13 @@ def cache_path(recipe: Recipe | str | None = None, device: str = "auto") -> Path
     """Where the model for ``recipe`` (trained on ``device``, in the precision chosen there) is
     or will be cached."""
     recipe = _as_recipe(recipe)
-    return models_dir() / f"shakespeare_char-{recipe.key(device)}.safetensors"
+    return models_dir() / f"{recipe.corpus}-{recipe.key(device)}.safetensors"
 
 
-def train_shakespeare_char(recipe: Recipe | str | None = None, callback=None, progress: bool = True,
-                           device: str = "auto"):
-    """Train a fresh model with ``recipe``; return ``(model, tokenizer, report)`` (nothing cached).
+def train_pretrained(recipe: Recipe | str | None = None, callback=None, progress: bool = True,
+                     device: str = "auto"):
+    """Train a fresh model with ``recipe`` on its corpus; return ``(model, tokenizer, report)``
+    (nothing cached).
 
     ``callback(step, model, history)`` runs after each periodic evaluation, as in
     :func:`lessons_lib.train.train`. The model comes back in eval mode.
@@ -248,7 +296,7 @@ def train_shakespeare_char(recipe: Recipe | str | None = None, callback=None, pr
     recipe = _as_recipe(recipe)
     rt = runtime(device, None if recipe.precision == "auto" else recipe.precision)
     recipe = replace(recipe, precision=rt.precision)
-    tokenizer, train_ids, val_ids = shakespeare_data()
+    tokenizer, train_ids, val_ids = CORPORA[recipe.corpus]()
     torch.manual_seed(recipe.seed)
     model = GPT(recipe.model_config(tokenizer.vocab_size))
     in_callback = [0.0]
@@ -272,17 +320,33 @@ def train_shakespeare_char(recipe: Recipe | str | None = None, callback=None, pr
     return model, tokenizer, report
 
 
-def _save(model, tokenizer: CharTokenizer, report: PretrainReport, path: Path) -> None:
+def train_shakespeare_char(recipe: Recipe | str | None = None, callback=None, progress: bool = True,
+                           device: str = "auto"):
+    """:func:`train_pretrained` with chapter 7's recipe by default."""
+    return train_pretrained(recipe, callback=callback, progress=progress, device=device)
+
+
+def _tokenizer_to_json(tokenizer) -> dict:
+    if isinstance(tokenizer, CharTokenizer):
+        return {"chars": tokenizer.chars}
+    return {"bpe": tokenizer.to_dict()}
+
+
+def _tokenizer_from_json(meta: dict):
+    return CharTokenizer(meta["chars"]) if "chars" in meta else BPETokenizer.from_dict(meta["bpe"])
+
+
+def _save(model, tokenizer, report: PretrainReport, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    save_checkpoint(model, tmp, {"report": report.to_json(), "chars": tokenizer.chars})
+    save_checkpoint(model, tmp, {"report": report.to_json(), "tokenizer": _tokenizer_to_json(tokenizer)})
     os.replace(tmp, path)                    # atomic: a reader never sees half a file
 
 
 def _load(recipe: Recipe, path: Path, device: str):
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get("lessons_lib", "{}"))
-    tokenizer = CharTokenizer(meta["chars"])
+    tokenizer = _tokenizer_from_json(meta["tokenizer"])
     model = GPT(recipe.model_config(tokenizer.vocab_size))
     load_checkpoint(model, path)
     info = meta["report"]
@@ -292,16 +356,16 @@ def _load(recipe: Recipe, path: Path, device: str):
     return model.to(choose_device(device)).eval(), tokenizer, report
 
 
-def shakespeare_char(recipe: Recipe | str | None = None, *, retrain: bool = False, callback=None,
-                     progress: bool = True, device: str = "auto"):
-    """Chapter 7's character-level Shakespeare GPT: ``(model, tokenizer, report)``.
+def pretrained(recipe: Recipe | str | None = None, *, retrain: bool = False, callback=None,
+               progress: bool = True, device: str = "auto"):
+    """The model ``recipe`` trains on its corpus: ``(model, tokenizer, report)``.
 
-    The first call trains it with ``recipe`` (default: the chapter's, ``RECIPES["1min"]``)
+    The first call trains it with ``recipe`` (default: chapter 7's, ``RECIPES["1min"]``)
     and caches it; later calls load it from the cache without training (``report.from_cache``
     is then True and ``report.train_seconds`` is the original run's time). ``retrain=True``
     trains anyway and replaces the cached file, as chapter 7 does so that its curves are live.
-    ``recipe`` may also be the name of one of :data:`RECIPES` ("1min", "3min"). A model trained
-    in bfloat16 and one trained in float32 are cached apart (see :meth:`Recipe.resolved`).
+    ``recipe`` may also be the name of one of :data:`RECIPES`. A model trained in bfloat16 and
+    one trained in float32 are cached apart (see :meth:`Recipe.resolved`).
     """
     recipe = _as_recipe(recipe)
     path = cache_path(recipe, device)
@@ -310,8 +374,21 @@ def shakespeare_char(recipe: Recipe | str | None = None, *, retrain: bool = Fals
             return _load(recipe.resolved(device), path, device)
         except (ValueError, KeyError, TypeError, OSError, SafetensorError):
             pass                             # a damaged or foreign file: train again
-    model, tokenizer, report = train_shakespeare_char(recipe, callback=callback, progress=progress,
-                                                      device=device)
+    model, tokenizer, report = train_pretrained(recipe, callback=callback, progress=progress,
+                                                device=device)
     _save(model, tokenizer, report, path)
     report.path = str(path)
     return model, tokenizer, report
+
+
+def shakespeare_char(recipe: Recipe | str | None = None, **kwargs):
+    """Chapter 7's character-level Shakespeare GPT (``RECIPES["1min"]`` by default); the
+    keyword arguments are :func:`pretrained`'s."""
+    return pretrained(recipe, **kwargs)
+
+
+def movie_gpt(recipe: Recipe | str = "movies", **kwargs):
+    """Chapters 9-11's base model, a GPT pre-trained on the training snippets of the rated movie
+    reviews (``RECIPES["movies"]``): it continues text and follows no instruction. The keyword
+    arguments are :func:`pretrained`'s."""
+    return pretrained(recipe, **kwargs)

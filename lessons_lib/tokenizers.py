@@ -152,6 +152,17 @@ class BPETokenizer:
     def vocab_size(self) -> int:
         return len(self.vocab) + len(self.special_tokens)
 
+    def add_special_tokens(self, names) -> "BPETokenizer":
+        """Give each new special-token string the next free id (after the merges); returns self."""
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"a special token must be a non-empty string, got {name!r}")
+            if name in self.special_tokens:
+                raise ValueError(f"{name!r} is already a special token (id {self.special_tokens[name]})")
+            self.special_tokens[name] = self.vocab_size
+        self._rebuild()
+        return self
+
     # -- training ---------------------------------------------------------------------------
 
     def train(self, text: str, vocab_size: int, verbose: bool = False) -> "BPETokenizer":
@@ -294,28 +305,35 @@ class BPETokenizer:
 
     # -- saving and loading -----------------------------------------------------------------
 
-    def save(self, path) -> None:
-        data = {
+    def to_dict(self) -> dict:
+        """Everything that defines the tokenizer, as JSON-ready data (see :meth:`from_dict`)."""
+        return {
             "format": "lessons_lib.BPETokenizer/1",
             "pattern": self.pattern,
             "byte_ids": self.byte_ids,
             "merges": [[a, b, new] for (a, b), new in self.merges.items()],
             "special_tokens": self.special_tokens,
         }
-        Path(path).write_text(json.dumps(data))
 
     @classmethod
-    def load(cls, path) -> "BPETokenizer":
-        data = json.loads(Path(path).read_text())
-        if data.get("format") != "lessons_lib.BPETokenizer/1":
-            raise ValueError(f"{path} is not a file written by BPETokenizer.save "
-                             f"(format {data.get('format')!r})")
+    def from_dict(cls, data: dict, source: str = "data") -> "BPETokenizer":
+        if not isinstance(data, dict) or data.get("format") != "lessons_lib.BPETokenizer/1":
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"{source} is not a tokenizer written by BPETokenizer.to_dict/save "
+                             f"(format {found!r})")
         tok = cls(data["pattern"])
         tok.byte_ids = list(data["byte_ids"])
         tok.merges = {(a, b): new for a, b, new in data["merges"]}
         tok.special_tokens = dict(data["special_tokens"])
         tok._rebuild()
         return tok
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path) -> "BPETokenizer":
+        return cls.from_dict(json.loads(Path(path).read_text()), source=str(path))
 
     @classmethod
     def from_gpt2(cls) -> "BPETokenizer":

@@ -111,6 +111,8 @@ def test_every_field_of_the_recipe_is_in_the_key():
             changed = value + 1
         if f.name == "precision":          # "auto" resolves to one of the two: ask for the other
             changed = "fp32" if base.resolved().precision == "bf16" else "bf16"
+        if f.name == "corpus":
+            changed = "movie-snippets-bpe1024"
         keys.add(replace(base, **{f.name: changed}).key())
     assert len(keys) == len(fields(Recipe)) + 1
     assert Recipe().key() == base.key() and len(base.key()) == 16
@@ -245,3 +247,43 @@ def test_the_override_decides_what_an_auto_recipe_trains_in(counted_training, mo
     _, _, cached = shakespeare_char(auto, progress=False)
     assert cached.from_cache and cached.precision == forced and len(counted_training) == 1
     assert math.log(64) - 1 < report.val_loss < math.log(64) + 0.5
+
+
+def test_an_unknown_corpus_is_refused():
+    with pytest.raises(ValueError, match="unknown corpus 'tiny-stories'"):
+        Recipe(corpus="tiny-stories")
+
+
+# -- the movie snippets' base model ------------------------------------------------------------
+
+@pytest.mark.slow
+def test_movie_data_is_bpe_over_the_training_snippets_with_end_of_text():
+    from lessons_lib.data import load_movie_ratings, split_ratings
+    from lessons_lib.pretrained import END_OF_TEXT, movie_data
+    tokenizer, train_ids, val_ids = movie_data()
+    assert tokenizer.vocab_size == 1024 and tokenizer.special_tokens == {END_OF_TEXT: 1023}
+    train, val = split_ratings(load_movie_ratings())
+    assert int((train_ids == 1023).sum()) == len(train) and int((val_ids == 1023).sum()) == len(val)
+    assert train_ids[-1] == 1023 and val_ids[-1] == 1023
+    first = train_ids[: int((train_ids == 1023).nonzero()[0]) ]
+    assert tokenizer.decode(first.tolist()) == train[0].text
+    assert 2.3 < sum(len(s.text) for s in train) / (len(train_ids) - len(train)) < 3.5   # chars/token
+    with pytest.raises(ValueError, match="vocab_size"):
+        movie_data(200)
+
+
+@pytest.mark.slow
+def test_movie_gpt_trains_caches_and_reloads_its_bpe(counted_training):
+    from lessons_lib.pretrained import movie_gpt
+    tiny = replace(RECIPES["movies"], n_layer=1, n_embd=32, n_head=2, batch_size=4, max_steps=3,
+                   warmup_steps=1, eval_interval=3, eval_batches=2)
+    model, tokenizer, report = movie_gpt(tiny, progress=False)
+    again, tokenizer2, cached = movie_gpt(tiny, progress=False)
+    assert len(counted_training) == 1 and cached.from_cache
+    assert cache_path(tiny).name.startswith("movie-snippets-bpe1024-")
+    text = "A gorgeous, witty film."
+    assert tokenizer2.encode(text) == tokenizer.encode(text)
+    idx = torch.tensor([tokenizer.encode(text)])
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], again(idx)[0])
+    assert report.parameters == model.num_parameters() and model.config.vocab_size == 1024

@@ -145,7 +145,7 @@ def test_save_and_load(tmp_path, shakespeare_bpe):
     for s in VARIED:
         assert loaded.encode(s) == shakespeare_bpe.encode(s)
     (tmp_path / "other.json").write_text('{"format": "something else"}')
-    with pytest.raises(ValueError, match="not a file written by BPETokenizer.save"):
+    with pytest.raises(ValueError, match="not a tokenizer written by BPETokenizer"):
         BPETokenizer.load(tmp_path / "other.json")
 
 
@@ -203,3 +203,19 @@ def test_endoftext_only_when_allowed(gpt2, reference):
     assert gpt2.decode(gpt2.encode(text, allowed_special="all")) == text
     with pytest.raises(ValueError, match="unknown special tokens"):
         gpt2.encode(text, allowed_special={"<|fim|>"})
+
+
+def test_add_special_tokens_takes_the_next_ids_and_round_trips():
+    tok = BPETokenizer().train("low lower lowest " * 20, 260)
+    tok.add_special_tokens(["<|endoftext|>", "<|pad|>"])
+    assert tok.special_tokens == {"<|endoftext|>": 260, "<|pad|>": 261} and tok.vocab_size == 262
+    ids = tok.encode("low<|endoftext|>", allowed_special="all")
+    assert ids[-1] == 260 and tok.decode(ids) == "low<|endoftext|>"
+    assert BPETokenizer.from_dict(tok.to_dict()).encode("lowest<|pad|>", allowed_special="all") == \
+        tok.encode("lowest<|pad|>", allowed_special="all")
+    with pytest.raises(ValueError, match="already a special token"):
+        tok.add_special_tokens(["<|pad|>"])
+    with pytest.raises(ValueError, match="non-empty string"):
+        tok.add_special_tokens([""])
+    with pytest.raises(ValueError, match="not a tokenizer written by BPETokenizer"):
+        BPETokenizer.from_dict({"format": "something else"})
