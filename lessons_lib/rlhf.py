@@ -1,0 +1,636 @@
+"""Learning from human feedback: a reward model, then PPO (chapter 10). Read top to bottom.
+
+1. The reward model. :class:`RewardModel` is a GPT trunk with a scalar head read at each
+   sequence's end-of-text position. :func:`bradley_terry_loss` trains it on preference pairs
+   (``P(chosen beats rejected) = sigmoid(r_chosen - r_rejected)``); :func:`pair_accuracy` and
+   :func:`spearman` measure it on held-out pairs and ratings.
+2. Responses and their log-probabilities. :class:`Rollout` holds sampled responses and
+   :func:`response_mask` marks them; :func:`logprobs_from_logits`, :func:`sequence_logprobs`
+   and :func:`entropy_from_logits` score them; :func:`distinct_n` measures how varied they are.
+3. PPO's pieces. :class:`PolicyWithValue` (a GPT with a value head), :func:`rollout` (samples
+   responses with the KV cache and scores them),
+   :func:`kl_penalized_rewards` (the KL to a frozen reference folded into the reward),
+   :func:`gae` (advantages), :func:`ppo_losses` (the clipped objectives).
+4. The PPO loop: :class:`PPOConfig`, :func:`ppo_step` (minibatch epochs over one batch of
+   rollouts) and :func:`train_ppo` (rollout, reward, KL, GAE, update; logged per iteration).
+
+Chapter 11's DPO and GRPO will follow as sections 5 and 6, reusing sections 1 to 3.
+
+Conventions. A batch of sequences is ``(B, L)``: a prompt of ``P`` tokens (the same ``P`` for
+every row) followed by a response. Every per-token tensor (log-probs, values, rewards,
+advantages) is ``(B, L)`` and aligned with the tokens: entry ``[b, t]`` belongs to token
+``t``, the action taken after reading tokens ``0 .. t-1``. Position 0 has no such action; its
+entries are 0. ``response_mask`` (bool, ``(B, L)``) is True on the response's tokens, up to and
+including its first end-of-text token; everything else is masked out of every sum and mean.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from numbers import Real
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checks import eval_mode, is_int, positive_int, positive_number, token_ids
+from .generate import generate
+from .model import GPT, GPTConfig, num_parameters
+from .runtime import model_device, threads_for, use_threads
+
+__all__ = ["RewardModel", "end_positions", "bradley_terry_loss", "pair_accuracy", "spearman",
+           "Rollout", "rollout", "response_mask", "logprobs_from_logits", "entropy_from_logits",
+           "sequence_logprobs", "distinct_n", "PolicyWithValue", "kl_penalized_rewards", "gae",
+           "PPOLosses", "ppo_losses", "PPOConfig", "PPOHistory", "ppo_step", "train_ppo"]
+
+
+# -----------------------------------------------------------------------------
+# argument checks shared by this module
+
+def _shape(x) -> str:
+    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _float_tensor(name: str, x, ndim: int | None = None) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = f"dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a floating-point tensor, got {got}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {_shape(x)}")
+    return x
+
+
+def _finite(name: str, x: torch.Tensor) -> torch.Tensor:
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} holds NaN or infinite values: every entry must be finite")
+    return x
+
+
+def _same_shape(**tensors) -> None:
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"expected tensors of one shape, got {shapes}")
+
+
+def _check_mask(mask, shape) -> torch.Tensor:
+    """A (B, L) response mask: bool, the given shape, at least one token in every row."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = f"dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be a bool tensor, got {got}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"mask must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    empty = (~mask.any(dim=1)).nonzero().flatten()
+    if len(empty):
+        raise ValueError(f"rows {empty[:5].tolist()} have empty responses (no token in the "
+                         "mask): every sequence needs at least one response token")
+    return mask
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``x`` over the tokens where ``mask`` is True (all rows pooled)."""
+    return torch.where(mask, x, 0.0).sum() / mask.sum()
+
+
+def _unit_interval(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+# -----------------------------------------------------------------------------
+# 1. the reward model
+
+def end_positions(idx: torch.Tensor, lengths: torch.Tensor | None = None,
+                  eot_id: int | None = None) -> torch.Tensor:
+    """Where each row of ``idx`` (B, T) ends, as (B,) indices: ``lengths - 1`` when ``lengths``
+    (B,) is given (each row's length, end-of-text token included, right padding after it);
+    else the first ``eot_id`` in the row, or its last position where the row has none (an
+    unfinished text is read where it stops)."""
+    B, T = idx.shape
+    if lengths is not None:
+        if not isinstance(lengths, torch.Tensor) or lengths.shape != (B,) \
+                or lengths.is_floating_point():
+            raise ValueError(f"lengths must be an integer tensor of shape ({B},), "
+                             f"got {_shape(lengths)}")
+        if len(lengths) and (lengths.min() < 1 or lengths.max() > T):
+            raise ValueError(f"lengths must lie in 1..{T} (the sequences' length), got "
+                             f"{int(lengths.min())}..{int(lengths.max())}")
+        return lengths.to(idx.device).long() - 1
+    if eot_id is None:
+        raise ValueError("give lengths, or build the model with an eot_id to find the ends")
+    is_eot = idx == eot_id
+    first = is_eot.int().argmax(dim=1)               # 0 where a row has no eot at all
+    return torch.where(is_eot.any(dim=1), first, T - 1)
+
+
+class RewardModel(nn.Module):
+    """A GPT trunk and a scalar head: ``forward(idx, lengths) -> rewards`` (B,).
+
+    ``trunk`` is a :class:`GPTConfig` (a fresh GPT) or a :class:`GPT`, whose weights are
+    copied (training the reward model leaves the language model as it was). The head reads
+    the trunk's final hidden state at each sequence's end (:func:`end_positions`): a causal
+    model has read the whole text there, and nothing after it, so padding cannot change it.
+    """
+
+    def __init__(self, trunk: GPT | GPTConfig, eot_id: int | None = None):
+        super().__init__()
+        if isinstance(trunk, GPTConfig):
+            trunk = GPT(trunk)
+        elif isinstance(trunk, GPT):
+            trunk = copy.deepcopy(trunk)
+        else:
+            raise ValueError(f"trunk must be a GPTConfig or a GPT, got {type(trunk).__name__}")
+        if eot_id is not None and not (is_int(eot_id) and 0 <= eot_id < trunk.config.vocab_size):
+            raise ValueError(f"eot_id must be a token id in 0..{trunk.config.vocab_size - 1} "
+                             f"or None, got {eot_id!r}")
+        self.trunk = trunk
+        self.head = nn.Linear(trunk.config.n_embd, 1)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        self.eot_id = eot_id
+
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        token_ids(idx, "idx")
+        ends = end_positions(idx, lengths, self.eot_id)
+        h = self.trunk.hidden_states(idx)                          # (B, T, n_embd)
+        h_end = h[torch.arange(idx.size(0), device=h.device), ends]   # (B, n_embd)
+        return self.head(h_end).squeeze(-1)
+
+
+def _check_pair(r_chosen, r_rejected) -> None:
+    _float_tensor("r_chosen", r_chosen, ndim=1)
+    _float_tensor("r_rejected", r_rejected, ndim=1)
+    if r_chosen.shape != r_rejected.shape or len(r_chosen) == 0:
+        raise ValueError(f"r_chosen and r_rejected must be non-empty and of one length (one "
+                         f"reward each per pair), got {len(r_chosen)} and {len(r_rejected)}")
+    _finite("r_chosen", r_chosen)
+    _finite("r_rejected", r_rejected)
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """The mean of ``-log sigmoid(r_chosen - r_rejected)`` over the pairs: the negative
+    log-likelihood of the human choices when ``P(chosen beats rejected) = sigmoid(r_c - r_r)``.
+    ``logsigmoid`` stays finite where ``log(sigmoid(.))`` would give -inf (margins below -100)."""
+    _check_pair(r_chosen, r_rejected)
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def pair_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float:
+    """The share of pairs whose chosen text gets the higher reward (a tie counts one half)."""
+    _check_pair(r_chosen, r_rejected)
+    wins = (r_chosen > r_rejected).double() + 0.5 * (r_chosen == r_rejected).double()
+    return wins.mean().item()
+
+
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..n of ``x`` (1-D); tied values share the mean of the ranks they span."""
+    sorted_x, order = torch.sort(x)
+    starts_group = torch.ones_like(sorted_x, dtype=torch.bool)
+    starts_group[1:] = sorted_x[1:] != sorted_x[:-1]
+    group = starts_group.cumsum(0) - 1                             # group of each sorted value
+    positions = torch.arange(1, len(x) + 1, dtype=torch.float64)
+    rank_sum = torch.zeros(int(group[-1]) + 1, dtype=torch.float64).index_add_(0, group, positions)
+    mean_rank = rank_sum / torch.bincount(group)
+    return torch.empty_like(positions).scatter_(0, order, mean_rank[group])
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the ranks (ties: average ranks)."""
+    x = torch.as_tensor(x, dtype=torch.float64).detach().cpu()
+    y = torch.as_tensor(y, dtype=torch.float64).detach().cpu()
+    if x.dim() != 1 or y.dim() != 1 or len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"x and y must be 1-D and of one length >= 2, got shapes "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    _finite("x", x)
+    _finite("y", y)
+    rx, ry = _average_ranks(x), _average_ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = (rx.square().sum() * ry.square().sum()).sqrt()
+    if denominator == 0:
+        raise ValueError("x or y is constant: a rank correlation needs values that differ")
+    return ((rx * ry).sum() / denominator).item()
+
+
+# -----------------------------------------------------------------------------
+# 2. responses: sampling them, their log-probabilities, their diversity
+
+@dataclass
+class Rollout:
+    """Responses sampled for a batch of prompts, and what the policy said while sampling."""
+
+    sequences: torch.Tensor          # (B, L) long: prompt then response
+    response_mask: torch.Tensor      # (B, L) bool: the response up to its first eot, inclusive
+    logprobs: torch.Tensor           # (B, L): log-probs of the sampled tokens (0 off the mask)
+    values: torch.Tensor | None      # (B, L): the value head's estimates (a PolicyWithValue)
+    prompt_length: int
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(B,): prompt plus response, end-of-text included: what a :class:`RewardModel` reads."""
+        return self.prompt_length + self.response_mask.sum(dim=1)
+
+    def responses(self) -> list[list[int]]:
+        """Each response's tokens, as a list of ints."""
+        rows = zip(self.sequences.tolist(), self.response_mask.tolist())
+        return [[t for t, m in zip(seq, mask) if m] for seq, mask in rows]
+
+
+def response_mask(sequences: torch.Tensor, prompt_length: int,
+                  eot_id: int | None = None) -> torch.Tensor:
+    """(B, L) bool: True on the tokens after the prompt, up to and including the first
+    ``eot_id`` (every token after the prompt when ``eot_id`` is None)."""
+    token_ids(sequences, "sequences")
+    B, L = sequences.shape
+    if not (is_int(prompt_length) and 1 <= prompt_length < L):
+        raise ValueError(f"prompt_length must be an int in 1..{L - 1} (a response needs at "
+                         f"least one token), got {prompt_length!r}")
+    mask = torch.zeros_like(sequences, dtype=torch.bool)
+    response = sequences[:, prompt_length:]
+    if eot_id is None:
+        mask[:, prompt_length:] = True
+        return mask
+    is_eot = (response == eot_id).long()
+    eots_before = is_eot.cumsum(dim=1) - is_eot                    # eot tokens strictly before
+    mask[:, prompt_length:] = eots_before == 0
+    return mask
+
+
+def _logits(model, idx: torch.Tensor) -> torch.Tensor:
+    """The logits of a lessons_lib model: ``model(idx)`` returns ``(logits, something)``."""
+    out = model(idx)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def logprobs_from_logits(logits: torch.Tensor, idx: torch.Tensor,
+                         temperature: float = 1.0) -> torch.Tensor:
+    """(B, L): ``log p(idx[:, t] | idx[:, :t])`` from the logits (B, L, V) of one forward pass
+    over ``idx`` (B, L); position 0, which nothing predicts, gets 0. The logits at ``t - 1``
+    predict token ``t``: a ``log_softmax`` and a ``gather`` of the tokens taken."""
+    logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)      # (B, L-1, V)
+    taken = logp.gather(-1, idx[:, 1:, None].long()).squeeze(-1)          # (B, L-1)
+    return F.pad(taken, (1, 0))
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(B, L): the entropy of the distribution each token was drawn from (aligned like
+    :func:`logprobs_from_logits`; position 0 gets 0)."""
+    logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    return F.pad(-(logp.exp() * logp).sum(dim=-1), (1, 0))
+
+
+def sequence_logprobs(model, idx: torch.Tensor, mask: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """(B, L): the log-probability ``model`` gives each token of ``idx`` (B, L) where ``mask``
+    is True, 0 elsewhere, from one forward pass. ``.sum(dim=1)`` is each response's
+    log-probability. ``mask[:, 0]`` must be False: nothing predicts the first token."""
+    token_ids(idx, "idx")
+    _check_mask(mask, idx.shape)
+    if mask[:, 0].any():
+        raise ValueError("mask[:, 0] must be False: the first token has no prediction")
+    positive_number("temperature", temperature)
+    logp = logprobs_from_logits(_logits(model, idx), idx, temperature)
+    return torch.where(mask, logp, 0.0)
+
+
+def distinct_n(seqs, n: int = 2) -> float:
+    """Distinct-n (Li et al., 2016): distinct n-grams / all n-grams, pooled over ``seqs`` (a
+    list of token lists or 1-D tensors). 1 when no n-gram repeats; 0 when there is no n-gram."""
+    positive_int("n", n)
+    seen, total = set(), 0
+    for seq in seqs:
+        tokens = seq.tolist() if isinstance(seq, torch.Tensor) else list(seq)
+        grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+        seen.update(grams)
+        total += len(grams)
+    return len(seen) / total if total else 0.0
+
+
+# -----------------------------------------------------------------------------
+# 3. PPO: a policy with a value head, rewards with a KL penalty, GAE, the clipped losses
+
+class PolicyWithValue(nn.Module):
+    """A GPT (the policy, trained in place) and a value head on its final hidden states.
+
+    ``forward(idx) -> (logits (B, L, V), values (B, L))``, where ``values[:, t]`` estimates the
+    return still to come *before* token ``t`` is chosen (read from the hidden state at
+    ``t - 1``; ``values[:, 0]`` is 0): aligned with the tokens like every per-token tensor here.
+    """
+
+    def __init__(self, gpt: GPT):
+        super().__init__()
+        if not isinstance(gpt, GPT):
+            raise ValueError(f"gpt must be a lessons_lib.model.GPT, got {type(gpt).__name__}")
+        self.gpt = gpt
+        self.value_head = nn.Linear(gpt.config.n_embd, 1)
+        nn.init.zeros_(self.value_head.weight)       # every value starts at 0
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, idx: torch.Tensor):
+        h = self.gpt.hidden_states(idx)                            # (B, L, n_embd)
+        logits = self.gpt.lm_head(h)
+        values = F.pad(self.value_head(h[:, :-1]).squeeze(-1), (1, 0))
+        return logits, values.float()
+
+
+def rollout(policy, prompts: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+            eot_id: int | None = None, generator: torch.Generator | None = None) -> Rollout:
+    """Sample a response of ``max_new_tokens`` tokens for each prompt (rows of ``prompts``,
+    (B, P), all of one length) with the KV cache, then score the samples with one forward pass
+    (the log-probs; the values too when ``policy`` is a :class:`PolicyWithValue`). Tokens after
+    a response's first ``eot_id`` are sampled but masked out."""
+    token_ids(prompts, "prompts", shape="(batch, P)")
+    if prompts.size(1) == 0:
+        raise ValueError("prompts must hold at least one token each, got shape "
+                         f"{tuple(prompts.shape)}")
+    positive_int("max_new_tokens", max_new_tokens)
+    positive_number("temperature", temperature)
+    gpt = policy.gpt if isinstance(policy, PolicyWithValue) else policy
+    if eot_id is not None and not (is_int(eot_id) and 0 <= eot_id < gpt.config.vocab_size):
+        raise ValueError(f"eot_id must be a token id in 0..{gpt.config.vocab_size - 1} or None, "
+                         f"got {eot_id!r}")
+    sequences = generate(gpt, prompts, max_new_tokens, temperature=temperature,
+                         generator=generator).to(model_device(gpt))
+    mask = response_mask(sequences, prompts.size(1), eot_id)
+    with torch.no_grad(), eval_mode(policy):
+        logits, values = policy(sequences)
+    logprobs = torch.where(mask, logprobs_from_logits(logits, sequences, temperature), 0.0)
+    if isinstance(policy, PolicyWithValue):
+        values = torch.where(mask, values, 0.0)
+    else:
+        values = None
+    return Rollout(sequences, mask, logprobs, values, prompts.size(1))
+
+
+def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor,
+                         ref_logprobs: torch.Tensor, mask: torch.Tensor,
+                         kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards (B, L) and the per-token KL estimate (B, L).
+
+    The KL estimate is k1, ``log p_policy(token) - log p_ref(token)`` of the sampled token:
+    summed over a response it is an unbiased estimate of KL(policy || reference) for that
+    prompt, exactly 0 when the two models agree, and its policy gradient is the gradient of
+    the KL itself (InstructGPT's choice). Single tokens can be negative; sums over many samples
+    are not. Every response token is rewarded ``-kl_coef * kl``; the last one also gets the
+    reward model's ``scores`` (B,), the judgement of the whole text.
+    """
+    _float_tensor("scores", scores, ndim=1)
+    _float_tensor("logprobs", logprobs, ndim=2)
+    _float_tensor("ref_logprobs", ref_logprobs, ndim=2)
+    _same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
+    _check_mask(mask, logprobs.shape)
+    if scores.shape != (logprobs.size(0),):
+        raise ValueError(f"scores must have shape ({logprobs.size(0)},), one per sequence, "
+                         f"got {tuple(scores.shape)}")
+    _finite("scores", scores)
+    if isinstance(kl_coef, bool) or not isinstance(kl_coef, Real) or not kl_coef >= 0 \
+            or not math.isfinite(kl_coef):
+        raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
+    kl = torch.where(mask, logprobs - ref_logprobs, 0.0)
+    rewards = -kl_coef * kl
+    last = mask.size(1) - 1 - mask.flip(1).int().argmax(dim=1)     # each response's last token
+    rewards[torch.arange(len(scores), device=rewards.device), last] += scores.to(rewards)
+    return rewards, kl
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+        gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al., 2016), (B, L) in, (B, L) out.
+
+    Backwards over the tokens of every response at once, with ``V = 0`` after a response ends:
+
+        delta_t = r_t + gamma * V_{t+1} - V_t
+        A_t     = delta_t + gamma * lam * A_{t+1}
+
+    Returns ``(advantages, returns)`` with ``returns = advantages + values``, 0 off the mask.
+    ``mask`` must be one run of True per row (a response).
+    """
+    _float_tensor("rewards", rewards, ndim=2)
+    _float_tensor("values", values, ndim=2)
+    _same_shape(rewards=rewards, values=values)
+    _check_mask(mask, rewards.shape)
+    _finite("rewards", rewards)
+    _finite("values", values)
+    gamma, lam = _unit_interval("gamma", gamma), _unit_interval("lam", lam)
+    m = mask.to(rewards.dtype)
+    r, v = rewards * m, values * m
+    advantages = torch.zeros_like(r)
+    next_value = torch.zeros_like(r[:, 0])
+    next_advantage = torch.zeros_like(r[:, 0])
+    for t in reversed(range(r.size(1))):                   # over time; the batch in one go
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        next_advantage = (delta + gamma * lam * next_advantage) * m[:, t]
+        advantages[:, t] = next_advantage
+        next_value = v[:, t]
+    return advantages, (advantages + v) * m
+
+
+@dataclass
+class PPOLosses:
+    policy: torch.Tensor             # the clipped surrogate, to minimise
+    value: torch.Tensor              # the clipped value loss, to minimise
+    approx_kl: torch.Tensor          # mean of (ratio - 1) - log ratio: how far the update moved
+    clip_fraction: torch.Tensor      # share of tokens whose ratio left [1 - clip, 1 + clip]
+
+
+def ppo_losses(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+               values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               mask: torch.Tensor, clip: float = 0.2, vf_clip: float = 0.2) -> PPOLosses:
+    """PPO's clipped objectives (Schulman et al., 2017), averaged over the masked tokens.
+
+    policy: ``max(-A * ratio, -A * clip(ratio, 1 - clip, 1 + clip))`` with
+    ``ratio = exp(new_logp - old_logp)``: no gain from moving a token's probability further
+    than the clip range in the direction its advantage favours.
+    value: ``0.5 * max((V - R)^2, (V_clipped - R)^2)``, ``V_clipped`` kept within ``vf_clip``
+    of ``old_values``, so the value head also moves only a little per batch.
+    """
+    tensors = dict(new_logp=new_logp, old_logp=old_logp, advantages=advantages, values=values,
+                   old_values=old_values, returns=returns)
+    for name, t in tensors.items():
+        _float_tensor(name, t, ndim=2)
+    _same_shape(**tensors)
+    _check_mask(mask, new_logp.shape)
+    clip, vf_clip = positive_number("clip", clip), positive_number("vf_clip", vf_clip)
+
+    log_ratio = torch.where(mask, new_logp - old_logp, 0.0)
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
+    policy_loss = _masked_mean(torch.maximum(unclipped, clipped), mask)
+
+    values_clipped = old_values + (values - old_values).clamp(-vf_clip, vf_clip)
+    value_error = torch.maximum((values - returns).square(), (values_clipped - returns).square())
+    value_loss = 0.5 * _masked_mean(value_error, mask)
+
+    with torch.no_grad():
+        approx_kl = _masked_mean((ratio - 1.0) - log_ratio, mask)
+        clip_fraction = _masked_mean(((ratio - 1.0).abs() > clip).float(), mask)
+    return PPOLosses(policy_loss, value_loss, approx_kl, clip_fraction)
+
+
+# -----------------------------------------------------------------------------
+# 4. the PPO loop
+
+@dataclass
+class PPOConfig:
+    iterations: int = 80
+    batch_size: int = 64             # prompts (and responses) per iteration
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    eot_id: int | None = None        # a response ends at its first eot_id (inclusive)
+    kl_coef: float = 0.1             # weight of the per-token KL penalty in the reward
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2
+    vf_clip: float = 0.2
+    vf_coef: float = 0.1             # weight of the value loss in the total loss
+    epochs: int = 4                  # passes over each batch of rollouts
+    minibatches: int = 2             # optimizer steps per pass
+    lr: float = 5e-5
+    grad_clip: float = 1.0           # max gradient norm; 0 turns clipping off
+    whiten_advantages: bool = True   # advantages to mean 0, std 1 over the batch's tokens
+    threads: int | None = None       # CPU threads; None: runtime.threads_for(model size)
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("iterations", "batch_size", "max_new_tokens", "epochs", "minibatches"):
+            positive_int(f"PPOConfig.{name}", getattr(self, name))
+        for name in ("temperature", "clip", "vf_clip", "lr"):
+            positive_number(f"PPOConfig.{name}", getattr(self, name))
+        for name in ("gamma", "lam"):
+            _unit_interval(f"PPOConfig.{name}", getattr(self, name))
+        for name in ("kl_coef", "vf_coef", "grad_clip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Real) or not value >= 0 \
+                    or not math.isfinite(value):
+                raise ValueError(f"PPOConfig.{name} must be a finite number >= 0, got {value!r}")
+        if self.minibatches > self.batch_size:
+            raise ValueError(f"PPOConfig.minibatches={self.minibatches} is more than "
+                             f"batch_size={self.batch_size}: a minibatch would be empty")
+        if self.threads is not None:
+            positive_int("PPOConfig.threads", self.threads)
+
+
+@dataclass
+class PPOHistory:
+    """One entry per iteration; ``reward`` is the reward model's mean score of the batch."""
+
+    reward: list[float] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)              # per sequence, summed over tokens
+    entropy: list[float] = field(default_factory=list)         # per token
+    clip_fraction: list[float] = field(default_factory=list)
+    approx_kl: list[float] = field(default_factory=list)
+    policy_loss: list[float] = field(default_factory=list)
+    value_loss: list[float] = field(default_factory=list)
+    distinct_2: list[float] = field(default_factory=list)
+    response_length: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    threads: int = 0
+
+
+def ppo_step(policy: PolicyWithValue, optimizer: torch.optim.Optimizer, batch: Rollout,
+             advantages: torch.Tensor, returns: torch.Tensor, config: PPOConfig,
+             generator: torch.Generator | None = None) -> dict[str, float]:
+    """``config.epochs`` passes over ``batch`` in ``config.minibatches`` shuffled minibatches,
+    one optimizer step each; returns the mean of each loss and statistic over the steps."""
+    if batch.values is None:
+        raise ValueError("the rollout has no values: sample it with a PolicyWithValue")
+    mask = batch.response_mask
+    if config.whiten_advantages:
+        mean = _masked_mean(advantages, mask)
+        std = _masked_mean((advantages - mean).square(), mask).sqrt()
+        advantages = torch.where(mask, (advantages - mean) / (std + 1e-8), 0.0)
+    B = batch.sequences.size(0)
+    totals: dict[str, float] = {}
+    for _ in range(config.epochs):
+        order = torch.randperm(B, generator=generator).to(mask.device)
+        for rows in order.chunk(config.minibatches):
+            logits, values = policy(batch.sequences[rows])
+            new_logp = logprobs_from_logits(logits, batch.sequences[rows], config.temperature)
+            losses = ppo_losses(new_logp, batch.logprobs[rows], advantages[rows], values,
+                                batch.values[rows], returns[rows], mask[rows],
+                                config.clip, config.vf_clip)
+            optimizer.zero_grad(set_to_none=True)
+            (losses.policy + config.vf_coef * losses.value).backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
+            optimizer.step()
+            with torch.no_grad():
+                entropy = _masked_mean(entropy_from_logits(logits, config.temperature), mask[rows])
+            step = dict(policy_loss=losses.policy, value_loss=losses.value, entropy=entropy,
+                        approx_kl=losses.approx_kl, clip_fraction=losses.clip_fraction)
+            for name, value in step.items():
+                totals[name] = totals.get(name, 0.0) + value.item()
+    n_steps = config.epochs * min(config.minibatches, B)
+    return {name: total / n_steps for name, total in totals.items()}
+
+
+def _scores(reward_fn, batch: Rollout) -> torch.Tensor:
+    with torch.no_grad():
+        scores = reward_fn(batch.sequences, batch.lengths)
+    B = batch.sequences.size(0)
+    if not isinstance(scores, torch.Tensor) or scores.shape != (B,):
+        raise ValueError(f"reward_fn must return a tensor of shape ({B},), one score per "
+                         f"sequence, got {_shape(scores)}")
+    return _finite("the scores of reward_fn", scores.float().to(batch.logprobs.device))
+
+
+def train_ppo(policy: PolicyWithValue, reference: GPT, reward_fn, prompts: torch.Tensor,
+              config: PPOConfig | None = None) -> PPOHistory:
+    """Optimise ``policy`` in place with PPO against ``reward_fn``, kept near ``reference``.
+
+    ``reward_fn(sequences (B, L), lengths (B,)) -> scores (B,)`` judges whole texts (a
+    :class:`RewardModel` is one); ``reference`` is frozen (usually the policy's starting
+    point); ``prompts`` (N, P) are drawn ``config.batch_size`` at a time. Each iteration:
+    rollout -> scores and the KL to the reference -> per-token rewards -> GAE -> PPO epochs.
+    Dropout is off throughout, so the first ratio of every batch is exactly 1.
+    """
+    config = config or PPOConfig()
+    if not isinstance(policy, PolicyWithValue):
+        raise ValueError(f"policy must be a PolicyWithValue, got {type(policy).__name__}")
+    shared = {id(p) for p in reference.parameters()} & {id(p) for p in policy.parameters()}
+    if shared:
+        raise ValueError("policy and reference share weights, so training the policy would move "
+                         "the reference too: wrap a copy, PolicyWithValue(copy.deepcopy(base))")
+    token_ids(prompts, "prompts", shape="(N, P)")
+    device = model_device(policy)
+    prompts = prompts.to(device)
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
+    history = PPOHistory(threads=config.threads or threads_for(num_parameters(policy)))
+    bar = tqdm(range(config.iterations), desc="PPO", disable=not config.progress, leave=False,
+               mininterval=1.0)
+    start = time.perf_counter()
+    with eval_mode(policy), eval_mode(reference), use_threads(history.threads):
+        for _ in bar:
+            pick = torch.randint(len(prompts), (config.batch_size,), generator=generator)
+            batch = rollout(policy, prompts[pick.to(device)], config.max_new_tokens,
+                            config.temperature, config.eot_id, generator)
+            scores = _scores(reward_fn, batch)
+            with torch.no_grad():
+                ref_logp = sequence_logprobs(reference, batch.sequences, batch.response_mask,
+                                             config.temperature)
+            rewards, kl = kl_penalized_rewards(scores, batch.logprobs, ref_logp,
+                                               batch.response_mask, config.kl_coef)
+            advantages, returns = gae(rewards, batch.values, batch.response_mask,
+                                      config.gamma, config.lam)
+            stats = ppo_step(policy, optimizer, batch, advantages, returns, config, generator)
+            _log(history, stats, scores, kl, batch)
+            bar.set_postfix(reward=f"{history.reward[-1]:.2f}", kl=f"{history.kl[-1]:.2f}",
+                            refresh=False)
+    bar.close()
+    history.seconds = time.perf_counter() - start
+    return history
+
+
+def _log(history: PPOHistory, stats: dict, scores, kl, batch: Rollout) -> None:
+    history.reward.append(scores.mean().item())
+    history.kl.append(kl.sum(dim=1).mean().item())
+    history.distinct_2.append(distinct_n(batch.responses(), 2))
+    history.response_length.append(batch.response_mask.sum(dim=1).float().mean().item())
+    for name, value in stats.items():
+        getattr(history, name).append(value)
