@@ -373,8 +373,8 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor,
     The KL estimate is k1, ``log p_policy(token) - log p_ref(token)`` of the sampled token:
     summed over a response it is an unbiased estimate of KL(policy || reference) for that
     prompt, exactly 0 when the two models agree, and its policy gradient is the gradient of
-    the KL itself (InstructGPT's choice). Single tokens can be negative; sums over many samples
-    are not. Every response token is rewarded ``-kl_coef * kl``; the last one also gets the
+    the KL itself (InstructGPT's choice). One token's or one sample's estimate can be
+    negative; the mean over many samples is not. Every response token is rewarded ``-kl_coef * kl``; the last one also gets the
     reward model's ``scores`` (B,), the judgement of the whole text.
     """
     _float_tensor("scores", scores, ndim=1)
