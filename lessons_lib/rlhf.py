@@ -374,8 +374,9 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor,
     summed over a response it is an unbiased estimate of KL(policy || reference) for that
     prompt, exactly 0 when the two models agree, and its policy gradient is the gradient of
     the KL itself (InstructGPT's choice). One token's or one sample's estimate can be
-    negative; the mean over many samples is not. Every response token is rewarded ``-kl_coef * kl``; the last one also gets the
-    reward model's ``scores`` (B,), the judgement of the whole text.
+    negative; the mean over many samples is not. Every response token is rewarded
+    ``-kl_coef * kl``; the last one also gets the reward model's ``scores`` (B,), the
+    judgement of the whole text.
     """
     _float_tensor("scores", scores, ndim=1)
     _float_tensor("logprobs", logprobs, ndim=2)
