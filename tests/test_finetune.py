@@ -215,6 +215,19 @@ def test_lora_linear_computes_base_plus_scaled_low_rank_update():
     assert not linear.weight.requires_grad and not linear.bias.requires_grad
 
 
+def test_lora_dropout_acts_on_the_lora_path_in_training_only():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(8, 8), r=2, alpha=2, dropout=0.5)
+    layer.lora_B.data.normal_()
+    x = torch.randn(4, 8)
+    base = layer.base(x)
+    expected = base + x @ layer.lora_A.T @ layer.lora_B.T
+    torch.testing.assert_close(layer.eval()(x), expected, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(layer.train()(x), expected)
+    layer.lora_B.data.zero_()                                  # no update: dropout has no effect
+    assert torch.equal(layer.train()(x), base)
+
+
 def test_lora_at_init_equals_the_base_model_exactly():
     base = tiny_gpt()
     lora = apply_lora(copy.deepcopy(base), r=4, alpha=8)
