@@ -2,6 +2,7 @@
 
 * :func:`positive_int`, :func:`non_negative_int` -- an ``int`` (not a ``bool``) >= 1 or >= 0;
 * :func:`positive_number` -- a finite real number > 0;
+* :func:`number_in` -- a finite real number in an interval, e.g. [0, 1) or >= 0;
 * :func:`token_ids` -- an integer tensor of token ids: its type, dtype, number of dimensions
   and, given a vocabulary size, its range;
 * :func:`eval_mode` -- run a block with a model in eval mode, then put it back in the mode it
@@ -18,7 +19,7 @@ from numbers import Real
 
 import torch
 
-__all__ = ["is_int", "positive_int", "non_negative_int", "positive_number", "is_integer_dtype",
+__all__ = ["is_int", "positive_int", "non_negative_int", "positive_number", "number_in", "is_integer_dtype",
            "token_ids", "eval_mode"]
 
 
@@ -45,6 +46,27 @@ def positive_number(name: str, value) -> float:
     """``float(value)`` if it is a finite real number > 0 (not a bool), else ``ValueError``."""
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive, finite number, got {value!r}")
+    return float(value)
+
+
+def number_in(name: str, value, low: float | None = None, high: float | None = None, *,
+              low_open: bool = False, high_open: bool = False) -> float:
+    """``float(value)`` if it is a finite real number (not a bool) in the interval from ``low``
+    to ``high`` (None: unbounded; ``*_open``: the end itself excluded), else ``ValueError``
+    naming the interval, e.g. "dropout must be a number in [0, 1), got 1.0"."""
+    ok = not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(value)
+    ok = ok and (low is None or (value > low if low_open else value >= low))
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        if low is not None and high is not None:
+            where = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        elif low is not None:
+            where = f"{'>' if low_open else '>='} {low:g}"
+        elif high is not None:
+            where = f"{'<' if high_open else '<='} {high:g}"
+        else:
+            where = "that is finite"
+        raise ValueError(f"{name} must be a number {where}, got {value!r}")
     return float(value)
 
 

@@ -16,7 +16,6 @@ validation, as nanoGPT does.
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from functools import lru_cache
 import torch
 
 from . import assets
-from .checks import non_negative_int, positive_int, token_ids
+from .checks import non_negative_int, number_in, positive_int, token_ids
 
 # Coriolanus first, like the classic input.txt; together about 1.09 million characters.
 SHAKESPEARE_PLAYS = (
@@ -162,9 +161,7 @@ def preference_pairs(snippets, margin: float = 1.0, n_pairs: int | None = None, 
     snippets = list(snippets)
     if len(snippets) < 2:
         raise ValueError(f"need at least 2 snippets to make pairs, got {len(snippets)}")
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) \
-            or not math.isfinite(margin) or margin < 0:
-        raise ValueError(f"margin must be a finite number >= 0, got {margin!r}")
+    number_in("margin", margin, low=0.0)
     if n_pairs is not None:
         non_negative_int("n_pairs", n_pairs)
     spread = max(s.score for s in snippets) - min(s.score for s in snippets)

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import non_negative_int, positive_int, positive_number, token_ids
+from .checks import non_negative_int, number_in, positive_int, positive_number, token_ids
 from .generate import generate
 from .model import next_token_loss, num_parameters
 from .runtime import choose_device
@@ -409,12 +409,6 @@ def _grow_head(head: nn.Linear, vocab_size: int) -> nn.Linear:
 # -----------------------------------------------------------------------------
 # 6. LoRA: a trainable low-rank update beside a frozen Linear
 
-def _check_dropout(dropout) -> None:
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) \
-            or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
-
-
 class LoRALinear(nn.Module):
     """``base(x) + scale * B(A(dropout(x)))`` with ``base`` frozen, ``scale = alpha / r``.
 
@@ -430,7 +424,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
         positive_int("r", r)
         positive_number("alpha", alpha)
-        _check_dropout(dropout)
+        number_in("dropout", dropout, 0.0, 1.0, high_open=True)
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)
@@ -528,7 +522,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0,
         raise ValueError("the model has LoRA layers already: apply_lora once per model")
     positive_int("r", r)
     positive_number("alpha", alpha)
-    _check_dropout(dropout)
+    number_in("dropout", dropout, 0.0, 1.0, high_open=True)
     chosen = _chosen_linears(model, _check_targets(targets))
     for p in model.parameters():
         p.requires_grad_(False)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lessons_lib.checks import (eval_mode, is_int, is_integer_dtype, non_negative_int,
+from lessons_lib.checks import (eval_mode, is_int, is_integer_dtype, non_negative_int, number_in,
                                 positive_int, positive_number, token_ids)
 
 INTEGER_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
@@ -82,3 +82,24 @@ def test_eval_mode_restores_the_mode_even_after_an_error(training):
         with eval_mode(model):
             raise RuntimeError("boom")
     assert model.training is training and model[1].training is training
+
+
+@pytest.mark.parametrize("kwargs, value, message", [
+    (dict(low=0.0, high=1.0, high_open=True), 1.0, r"p must be a number in \[0, 1\), got 1.0"),
+    (dict(low=0.0, high=1.0, low_open=True), 0, r"p must be a number in \(0, 1\], got 0"),
+    (dict(low=0.0), -0.5, r"p must be a number >= 0, got -0.5"),
+    (dict(high=2.0, high_open=True), 2, r"p must be a number < 2, got 2"),
+    (dict(low=0.0), float("nan"), r"p must be a number >= 0, got nan"),
+    (dict(low=0.0), float("inf"), r"p must be a number >= 0, got inf"),
+    (dict(), True, r"p must be a number that is finite, got True"),
+    (dict(low=0.0), "1", r"p must be a number >= 0, got '1'"),
+])
+def test_number_in_names_the_interval(kwargs, value, message):
+    with pytest.raises(ValueError, match=message):
+        number_in("p", value, **kwargs)
+
+
+def test_number_in_returns_a_float_inside():
+    assert number_in("p", 0, low=0.0, high=1.0) == 0.0 and isinstance(number_in("p", 1, 0, 1), float)
+    assert number_in("p", 0.999, 0.0, 1.0, high_open=True) == 0.999
+    assert number_in("p", -3.5) == -3.5
