@@ -19,7 +19,8 @@ from numbers import Real
 
 import torch
 
-__all__ = ["is_int", "positive_int", "non_negative_int", "positive_number", "number_in", "is_integer_dtype",
+__all__ = ["is_int", "positive_int", "non_negative_int", "positive_number", "number_in",
+           "is_integer_dtype",
            "token_ids", "eval_mode"]
 
 
