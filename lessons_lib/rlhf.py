@@ -3,7 +3,10 @@
 1. The reward model. :class:`RewardModel` is a GPT trunk with a scalar head read at each
    sequence's end-of-text position. :func:`bradley_terry_loss` trains it on preference pairs
    (``P(chosen beats rejected) = sigmoid(r_chosen - r_rejected)``); :func:`pair_accuracy` and
-   :func:`spearman` measure it on held-out pairs and ratings.
+   :func:`spearman` measure it on held-out pairs and ratings. On rated texts:
+   :func:`encode_snippets` (a padded batch, each text ending in end-of-text),
+   :func:`all_pairs_bradley_terry_loss` (every pair of a batch whose ratings differ by a
+   margin), :func:`train_reward_model` and :func:`evaluate_reward_model`.
 2. Responses and their log-probabilities. :class:`Rollout` holds sampled responses and
    :func:`response_mask` marks them; :func:`logprobs_from_logits`, :func:`sequence_logprobs`
    and :func:`entropy_from_logits` score them; :func:`distinct_n` measures how varied they are.
@@ -37,12 +40,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checks import eval_mode, is_int, positive_int, positive_number, token_ids
+from .checks import (eval_mode, is_int, non_negative_int, positive_int, positive_number,
+                     token_ids)
 from .generate import generate
 from .model import GPT, GPTConfig, num_parameters
 from .runtime import model_device, threads_for, use_threads
 
 __all__ = ["RewardModel", "end_positions", "bradley_terry_loss", "pair_accuracy", "spearman",
+           "encode_snippets", "preference_mask", "all_pairs_bradley_terry_loss",
+           "RewardTrainConfig", "RewardTrainHistory", "train_reward_model", "score_texts",
+           "RewardEvaluation", "evaluate_reward_model",
            "Rollout", "rollout", "response_mask", "logprobs_from_logits", "entropy_from_logits",
            "sequence_logprobs", "distinct_n", "PolicyWithValue", "kl_penalized_rewards", "gae",
            "PPOLosses", "ppo_losses", "PPOConfig", "PPOHistory", "ppo_step", "train_ppo"]
@@ -213,6 +220,232 @@ def spearman(x, y) -> float:
     if denominator == 0:
         raise ValueError("x or y is constant: a rank correlation needs values that differ")
     return ((rx * ry).sum() / denominator).item()
+
+
+# -- training and measuring a reward model on rated texts
+
+def encode_snippets(texts, tokenizer, eot_id: int, block_size: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(idx (B, T), lengths (B,))``: each text's tokens, then ``eot_id``, right-padded with
+    ``eot_id`` to the longest row. ``lengths`` counts each row's tokens, end-of-text included,
+    so a :class:`RewardModel` reads row ``b`` at ``lengths[b] - 1``: its end-of-text token.
+
+    A text longer than ``block_size - 1`` tokens keeps its first ``block_size - 1`` tokens and
+    still ends with the end-of-text token, so the head always reads one. A tokenizer with
+    ``encode_ordinary`` (a BPE) uses it, as pre-training did (a special-token string inside a
+    text is plain text); any other uses ``encode``.
+    """
+    if not isinstance(texts, (list, tuple)) or not texts \
+            or not all(isinstance(t, str) for t in texts):
+        got = f"{len(texts)} items" if isinstance(texts, (list, tuple)) else type(texts).__name__
+        raise ValueError(f"texts must be a non-empty list of strings, got {got}")
+    if not is_int(eot_id) or eot_id < 0:
+        raise ValueError(f"eot_id must be a token id (an int >= 0), got {eot_id!r}")
+    if not is_int(block_size) or block_size < 2:
+        raise ValueError(f"block_size must be an int >= 2 (room for a token and the "
+                         f"end-of-text), got {block_size!r}")
+    encode = getattr(tokenizer, "encode_ordinary", tokenizer.encode)
+    rows = [encode(text)[:block_size - 1] + [eot_id] for text in texts]
+    lengths = torch.tensor([len(row) for row in rows])
+    idx = torch.full((len(rows), int(lengths.max())), eot_id, dtype=torch.long)
+    for b, row in enumerate(rows):
+        idx[b, :len(row)] = torch.tensor(row)
+    return idx, lengths
+
+
+def preference_mask(ratings: torch.Tensor, margin: float = 1.0) -> torch.Tensor:
+    """(B, B) bool: ``[i, j]`` is True where ``ratings[i] - ratings[j] >= margin`` (> 0): the
+    humans clearly preferred text ``i`` to text ``j``. Each such pair appears once."""
+    margin = positive_number("margin", margin)
+    return ratings[:, None] - ratings[None, :] >= margin
+
+
+def all_pairs_bradley_terry_loss(rewards: torch.Tensor, ratings: torch.Tensor,
+                                 margin: float = 1.0) -> torch.Tensor:
+    """The Bradley-Terry loss over every pair of a batch whose human ratings differ by at
+    least ``margin`` (> 0): the mean of ``-log sigmoid(r_i - r_j)`` over the pairs where text
+    ``i`` was rated higher than text ``j``. ``B`` forward passes give up to ``B (B - 1) / 2``
+    pairs, where :func:`bradley_terry_loss` on fixed pairs needs two passes per pair.
+
+    Raises ``ValueError`` when no two ratings differ by ``margin``: such a batch says nothing
+    about which text is better (:func:`train_reward_model` skips it).
+    """
+    _float_tensor("rewards", rewards, ndim=1)
+    _float_tensor("ratings", ratings, ndim=1)
+    if rewards.shape != ratings.shape:
+        raise ValueError(f"rewards and ratings must have one length (one of each per text), "
+                         f"got {len(rewards)} and {len(ratings)}")
+    _finite("rewards", rewards)
+    _finite("ratings", ratings)
+    preferred = preference_mask(ratings.to(rewards.device), margin)          # (B, B)
+    if not preferred.any():
+        raise ValueError(f"no two of the {len(ratings)} ratings differ by margin={margin}: "
+                         "the batch holds no preference pair")
+    reward_gaps = rewards[:, None] - rewards[None, :]                        # r_i - r_j
+    return -F.logsigmoid(reward_gaps[preferred]).mean()
+
+
+@dataclass
+class RewardTrainConfig:
+    """Training a :class:`RewardModel` on rated texts. FINDINGS' settings, but lr 1e-3: on
+    the movie snippets 2e-3 gave held-out pair accuracy 0.70-0.71, 1e-3 and 5e-4 0.72-0.73."""
+
+    steps: int = 170
+    batch_size: int = 64             # texts per step (at most all of them); all pairs count
+    lr: float = 1e-3
+    weight_decay: float = 0.0        # AdamW's, on the weight matrices only
+    margin: float = 1.0              # two ratings closer than this make no pair
+    seed: int = 0
+    threads: int | None = None       # CPU threads; None: runtime.threads_for(model size)
+    progress: bool = True
+
+    def __post_init__(self):
+        positive_int("RewardTrainConfig.steps", self.steps)
+        positive_int("RewardTrainConfig.batch_size", self.batch_size)
+        non_negative_int("RewardTrainConfig.seed", self.seed)
+        positive_number("RewardTrainConfig.lr", self.lr)
+        positive_number("RewardTrainConfig.margin", self.margin)
+        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, Real) \
+                or not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"RewardTrainConfig.weight_decay must be a finite number >= 0, "
+                             f"got {self.weight_decay!r}")
+        if self.threads is not None:
+            positive_int("RewardTrainConfig.threads", self.threads)
+
+
+@dataclass
+class RewardTrainHistory:
+    loss: list[float] = field(default_factory=list)    # one per step that had a pair
+    skipped_batches: int = 0                           # batches with no pair at the margin
+    seconds: float = 0.0
+    threads: int = 0
+
+
+def _rated_texts(snippets, name: str) -> tuple[list[str], torch.Tensor]:
+    """The texts and ratings of ``snippets`` (objects with ``.text`` and ``.score``, such as
+    :class:`lessons_lib.data.RatedSnippet`)."""
+    snippets = list(snippets)
+    if not all(isinstance(getattr(s, "text", None), str) and isinstance(getattr(s, "score", None),
+                                                                        Real) for s in snippets):
+        raise ValueError(f"{name} must be rated snippets, each with .text (str) and .score "
+                         "(a number), like lessons_lib.data.RatedSnippet")
+    ratings = torch.tensor([float(s.score) for s in snippets], dtype=torch.float32)
+    _finite(f"the ratings of {name}", ratings)
+    return [s.text for s in snippets], ratings
+
+
+def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def train_reward_model(model: RewardModel, train_snippets, tokenizer,
+                       config: RewardTrainConfig | None = None) -> RewardTrainHistory:
+    """Train ``model`` in place on rated snippets with :func:`all_pairs_bradley_terry_loss`.
+
+    Each step draws ``config.batch_size`` distinct snippets, encodes them with
+    :func:`encode_snippets` (so ``model.eot_id`` must be set) and takes one AdamW step on
+    every pair in the batch whose ratings differ by ``config.margin``; a batch without such
+    a pair is skipped and counted. The model comes back in eval mode.
+    """
+    config = config or RewardTrainConfig()
+    if not isinstance(model, RewardModel) or model.eot_id is None:
+        raise ValueError("model must be a RewardModel built with an eot_id (where its head "
+                         f"reads), got {type(model).__name__}")
+    texts, ratings = _rated_texts(train_snippets, "train_snippets")
+    if len(texts) < 2 or not preference_mask(ratings, config.margin).any():
+        raise ValueError(f"train_snippets must hold two ratings that differ by "
+                         f"margin={config.margin}; got {len(texts)} snippets")
+    device = model_device(model)
+    block_size = model.trunk.config.block_size
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.AdamW(_decay_groups(model, config.weight_decay), lr=config.lr)
+    history = RewardTrainHistory(threads=config.threads or threads_for(num_parameters(model)))
+    bar = tqdm(range(config.steps), desc="reward model", disable=not config.progress,
+               leave=False, mininterval=1.0)
+    model.train()
+    start = time.perf_counter()
+    with use_threads(history.threads):
+        for _ in bar:
+            rows = torch.randperm(len(texts), generator=generator)[:config.batch_size].tolist()
+            batch_ratings = ratings[rows].to(device)
+            if not preference_mask(batch_ratings, config.margin).any():
+                history.skipped_batches += 1
+                continue
+            idx, lengths = encode_snippets([texts[i] for i in rows], tokenizer, model.eot_id,
+                                           block_size)
+            rewards = model(idx.to(device), lengths.to(device))
+            loss = all_pairs_bradley_terry_loss(rewards, batch_ratings, config.margin)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            history.loss.append(loss.item())
+            bar.set_postfix(loss=f"{history.loss[-1]:.3f}", refresh=False)
+    bar.close()
+    history.seconds = time.perf_counter() - start
+    model.eval()
+    return history
+
+
+def score_texts(model: RewardModel, texts, tokenizer, batch_size: int = 256) -> torch.Tensor:
+    """The rewards (N,) of ``texts`` (each followed by the end-of-text token), in batches, in
+    eval mode and without gradients; on the CPU."""
+    if not isinstance(model, RewardModel) or model.eot_id is None:
+        raise ValueError("model must be a RewardModel built with an eot_id (where its head "
+                         f"reads), got {type(model).__name__}")
+    positive_int("batch_size", batch_size)
+    if not isinstance(texts, (list, tuple)) or not texts:
+        raise ValueError(f"texts must be a non-empty list of strings, got {texts!r:.60}")
+    device = model_device(model)
+    block_size = model.trunk.config.block_size
+    scores = []
+    with torch.no_grad(), eval_mode(model):
+        for i in range(0, len(texts), batch_size):
+            idx, lengths = encode_snippets(texts[i:i + batch_size], tokenizer, model.eot_id,
+                                           block_size)
+            scores.append(model(idx.to(device), lengths.to(device)).float().cpu())
+    return torch.cat(scores)
+
+
+@dataclass
+class RewardEvaluation:
+    pair_accuracy: float             # share of held-out pairs ranked as the humans ranked them
+    spearman: float                  # rank correlation of the rewards with the human ratings
+    n_pairs: int
+    rewards: torch.Tensor            # (N,): the reward of each snippet, in the order given
+
+
+def evaluate_reward_model(model: RewardModel, snippets, tokenizer, pairs=None,
+                          margin: float = 1.0, batch_size: int = 256) -> RewardEvaluation:
+    """How well ``model`` agrees with the humans on held-out rated ``snippets``.
+
+    Pair accuracy (:func:`pair_accuracy`, a tie counts one half) on ``pairs``, a list of
+    ``(chosen, rejected)`` snippets such as ``data.preference_pairs(val, margin=1.0)``; or,
+    when ``pairs`` is None, on every pair of ``snippets`` whose ratings differ by ``margin``
+    (an ``(N, N)`` mask: fine for a few thousand snippets). Spearman's correlation of the
+    rewards with the ratings over all ``snippets``.
+    """
+    texts, ratings = _rated_texts(snippets, "snippets")
+    if len(texts) < 2:
+        raise ValueError(f"snippets must hold at least 2 rated snippets, got {len(texts)}")
+    rewards = score_texts(model, texts, tokenizer, batch_size)
+    if pairs is None:
+        preferred = preference_mask(ratings, margin)
+        chosen_rewards = rewards[:, None].expand_as(preferred)[preferred]
+        rejected_rewards = rewards[None, :].expand_as(preferred)[preferred]
+    else:
+        pairs = list(pairs)
+        if not pairs or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+            raise ValueError("pairs must be a non-empty list of (chosen, rejected) snippets")
+        chosen_texts, _ = _rated_texts([c for c, _ in pairs], "pairs")
+        rejected_texts, _ = _rated_texts([r for _, r in pairs], "pairs")
+        chosen_rewards = score_texts(model, chosen_texts, tokenizer, batch_size)
+        rejected_rewards = score_texts(model, rejected_texts, tokenizer, batch_size)
+    if len(chosen_rewards) == 0:
+        raise ValueError(f"no two ratings of snippets differ by margin={margin}: no pair")
+    return RewardEvaluation(pair_accuracy(chosen_rewards, rejected_rewards),
+                            spearman(rewards, ratings), len(chosen_rewards), rewards)
 
 
 # -----------------------------------------------------------------------------

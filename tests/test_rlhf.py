@@ -2,15 +2,20 @@
 
 import copy
 import math
+import random
 
 import pytest
 import torch
 
+from lessons_lib.data import RatedSnippet
 from lessons_lib.model import GPT, GPTConfig
-from lessons_lib.rlhf import (PolicyWithValue, PPOConfig, RewardModel, bradley_terry_loss,
-                              distinct_n, end_positions, gae, kl_penalized_rewards,
-                              pair_accuracy, ppo_losses, response_mask, rollout,
-                              sequence_logprobs, spearman, train_ppo)
+from lessons_lib.rlhf import (PolicyWithValue, PPOConfig, RewardModel, RewardTrainConfig,
+                              all_pairs_bradley_terry_loss, bradley_terry_loss, distinct_n,
+                              encode_snippets, end_positions, evaluate_reward_model, gae,
+                              kl_penalized_rewards, pair_accuracy, ppo_losses, preference_mask,
+                              response_mask, rollout, score_texts, sequence_logprobs, spearman,
+                              train_ppo, train_reward_model)
+from lessons_lib.tokenizers import BPETokenizer, CharTokenizer
 
 TINY = GPTConfig(vocab_size=13, block_size=24, n_layer=2, n_head=2, n_embd=16)
 EOT = 0
@@ -97,6 +102,123 @@ def test_reward_model_copies_the_gpt_it_is_built_from():
     with torch.no_grad():
         rm.trunk.wte.weight.add_(1.0)
     assert not torch.equal(rm.trunk.wte.weight, gpt.wte.weight)
+
+
+# -- training a reward model on rated texts ---------------------------------------------------
+
+def all_pairs_loss_by_hand(rewards, ratings, margin):
+    """A double loop over ordered pairs: i rated at least ``margin`` above j."""
+    total, n = 0.0, 0
+    for i in range(len(ratings)):
+        for j in range(len(ratings)):
+            if ratings[i] - ratings[j] >= margin:
+                total += math.log(1 + math.exp(-(rewards[i] - rewards[j])))
+                n += 1
+    return total / n, n
+
+
+@pytest.mark.parametrize("margin", [0.5, 1.0, 2.5])
+def test_all_pairs_loss_matches_a_double_loop_over_pairs(margin):
+    g = torch.Generator().manual_seed(6)
+    rewards = torch.randn(12, generator=g, dtype=torch.float64)
+    ratings = torch.tensor([-3.0, -2.5, -1.0, -1.0, 0.0, 0.2, 0.7, 1.0, 1.0, 2.0, 3.5, 3.9],
+                           dtype=torch.float64)
+    expected, n_pairs = all_pairs_loss_by_hand(rewards.tolist(), ratings.tolist(), margin)
+    loss = all_pairs_bradley_terry_loss(rewards, ratings, margin)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert preference_mask(ratings, margin).sum().item() == n_pairs
+
+
+def test_all_pairs_loss_counts_ties_and_close_ratings_out():
+    rewards = torch.tensor([0.0, 5.0, -5.0])
+    # ratings 1 and 1 tie; 1.0 vs 0.5 is closer than the margin: only the pairs with 0.0 count
+    loss = all_pairs_bradley_terry_loss(rewards, torch.tensor([1.0, 1.0, 0.0]), margin=1.0)
+    assert loss.item() == pytest.approx((math.log(1 + math.exp(-5.0))
+                                         + math.log(1 + math.exp(-10.0))) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="no preference pair"):
+        all_pairs_bradley_terry_loss(rewards, torch.tensor([1.0, 0.5, 1.2]), margin=1.0)
+
+
+def bpe_with_eot(text, merges=40):
+    tokenizer = BPETokenizer().train(text, 256 + merges)
+    tokenizer.add_special_tokens(["<|endoftext|>"])
+    return tokenizer, tokenizer.special_tokens["<|endoftext|>"]
+
+
+def test_encode_snippets_pads_right_ends_with_eot_and_truncates_keeping_it():
+    tokenizer, eot = bpe_with_eot("the film was good and the plot was bad")
+    texts = ["the film was good", "bad", "", "the plot was bad and the film was good " * 3]
+    idx, lengths = encode_snippets(texts, tokenizer, eot, block_size=12)
+    direct = [tokenizer.encode_ordinary(t) for t in texts]
+    assert len(direct[3]) > 11                                # the last one gets truncated
+    expected = [ids[:11] + [eot] for ids in direct]
+    assert lengths.tolist() == [len(e) for e in expected]
+    assert idx.shape == (4, max(len(e) for e in expected)) and idx.dtype == torch.long
+    for b, row in enumerate(expected):
+        assert idx[b, :len(row)].tolist() == row
+        assert (idx[b, len(row):] == eot).all()               # padding after the eot
+        assert idx[b, lengths[b] - 1] == eot
+    # a special-token string inside a text is plain text, as in pre-training
+    idx, lengths = encode_snippets(["bad <|endoftext|>"], tokenizer, eot, block_size=64)
+    assert (idx[0] == eot).sum() == 1 and idx[0, -1] == eot
+    # a tokenizer without encode_ordinary uses encode
+    chars = CharTokenizer.from_text("abc")
+    idx, lengths = encode_snippets(["cab", "a"], chars, 3, block_size=8)
+    assert idx.tolist() == [[2, 0, 1, 3], [0, 3, 3, 3]] and lengths.tolist() == [4, 2]
+
+
+def test_a_reward_model_reads_encoded_snippets_as_if_each_were_alone():
+    tokenizer, eot = bpe_with_eot("the film was good and the plot was bad")
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=1, n_head=2,
+                       n_embd=16)
+    torch.manual_seed(0)
+    rm = RewardModel(config, eot_id=eot)
+    texts = ["the film was good and the plot", "bad", "the plot was"]
+    together = score_texts(rm, texts, tokenizer, batch_size=2)
+    with torch.no_grad():
+        alone = torch.cat([rm(*encode_snippets([t], tokenizer, eot, 32)) for t in texts])
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+FILLER = ["the", "plot", "film", "cast", "story", "music", "was", "and", "its", "ending"]
+
+
+def word_rated_snippets(n, seed):
+    """Snippets of filler words and one "good" (rated about +1.5) or "bad" (about -1.5)."""
+    rng = random.Random(seed)
+    snippets = []
+    for i in range(n):
+        words = [rng.choice(FILLER) for _ in range(rng.randint(2, 6))]
+        good = rng.random() < 0.5
+        words.insert(rng.randint(0, len(words)), "good" if good else "bad")
+        rating = (1.5 if good else -1.5) + rng.uniform(-0.4, 0.4)
+        snippets.append(RatedSnippet(i, rating, " ".join(words)))
+    return snippets
+
+
+def test_a_reward_model_learns_which_word_the_raters_liked():
+    train, held_out = word_rated_snippets(200, seed=0), word_rated_snippets(100, seed=1)
+    tokenizer, eot = bpe_with_eot(" ".join(FILLER + ["good", "bad"]))
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2,
+                       n_embd=32)
+    torch.manual_seed(0)
+    rm = RewardModel(config, eot_id=eot)
+    before = evaluate_reward_model(rm, held_out, tokenizer)
+    history = train_reward_model(rm, train, tokenizer, RewardTrainConfig(
+        steps=15, batch_size=32, lr=1e-2, progress=False))
+    after = evaluate_reward_model(rm, held_out, tokenizer)
+    assert len(history.loss) == 15 and history.skipped_batches == 0 and history.seconds > 0
+    assert not rm.training
+    assert after.pair_accuracy > 0.8 and after.pair_accuracy > before.pair_accuracy
+    good = sum(1 for s in held_out if s.score > 0)
+    assert after.n_pairs == good * (len(held_out) - good)      # every good-bad pair, once
+    # held-out pairs given explicitly: the same rewards, the same ranking
+    pairs = [(a, b) for a in held_out[:10] for b in held_out[10:20] if a.score - b.score >= 1]
+    on_pairs = evaluate_reward_model(rm, held_out, tokenizer, pairs=pairs)
+    r = after.rewards.tolist()                      # snippet i of held_out has id i
+    wins = sum((r[a.id] > r[b.id]) + 0.5 * (r[a.id] == r[b.id]) for a, b in pairs)
+    assert on_pairs.n_pairs == len(pairs) and on_pairs.spearman == after.spearman
+    assert on_pairs.pair_accuracy == pytest.approx(wins / len(pairs))
 
 
 # -- responses and log-probabilities ---------------------------------------------------------
@@ -391,3 +513,49 @@ def test_train_ppo_rejects_non_finite_or_misshapen_rewards():
                       lambda s, n: [0.0] * s.size(0)):
         with pytest.raises(ValueError):
             train_ppo(PolicyWithValue(copy.deepcopy(gpt)), gpt, reward_fn, prompts, config)
+
+
+def test_bad_reward_training_input_raises_value_errors():
+    tokenizer, eot = bpe_with_eot("the film was good and the plot was bad")
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layer=1, n_head=2,
+                       n_embd=16)
+    rm = RewardModel(config, eot_id=eot)
+    rated = word_rated_snippets(8, seed=2)
+    same = [RatedSnippet(i, 1.0, "good") for i in range(4)]
+    r, ratings = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 3.0])
+    quick = RewardTrainConfig(steps=1, progress=False)
+    bad_calls = [
+        lambda: all_pairs_bradley_terry_loss(r, torch.tensor([0.0, 1.0, 2.0])),  # lengths
+        lambda: all_pairs_bradley_terry_loss(r, ratings, margin=0.0),    # every self-pair
+        lambda: all_pairs_bradley_terry_loss(r, ratings, margin=-1.0),
+        lambda: all_pairs_bradley_terry_loss(torch.tensor([1.0, float("nan")]), ratings),
+        lambda: all_pairs_bradley_terry_loss(r, torch.tensor([0.0, float("inf")])),
+        lambda: all_pairs_bradley_terry_loss(r[None], ratings[None]),    # not 1-D
+        lambda: all_pairs_bradley_terry_loss(torch.tensor([1, 2]), ratings),   # integers
+        lambda: all_pairs_bradley_terry_loss(r, torch.tensor([1.0, 1.5])),     # no pair
+        lambda: encode_snippets([], tokenizer, eot, 16),
+        lambda: encode_snippets("the film", tokenizer, eot, 16),          # a str, not a list
+        lambda: encode_snippets(["good", 3], tokenizer, eot, 16),
+        lambda: encode_snippets(["good"], tokenizer, eot, 1),             # no room for a token
+        lambda: encode_snippets(["good"], tokenizer, -1, 16),
+        lambda: RewardTrainConfig(steps=0),
+        lambda: RewardTrainConfig(lr=0.0),
+        lambda: RewardTrainConfig(margin=0.0),
+        lambda: RewardTrainConfig(weight_decay=-0.1),
+        lambda: RewardTrainConfig(threads=0),
+        lambda: train_reward_model(RewardModel(config), rated, tokenizer, quick),   # no eot_id
+        lambda: train_reward_model(rm.trunk, rated, tokenizer, quick),
+        lambda: train_reward_model(rm, ["good", "bad"], tokenizer, quick),  # texts, no ratings
+        lambda: train_reward_model(rm, rated[:1], tokenizer, quick),
+        lambda: train_reward_model(rm, same, tokenizer, quick),           # no pair at margin
+        lambda: evaluate_reward_model(rm, rated[:1], tokenizer),
+        lambda: evaluate_reward_model(rm, same, tokenizer),               # no pair (and constant)
+        lambda: evaluate_reward_model(rm, rated, tokenizer, pairs=[]),
+        lambda: evaluate_reward_model(rm, rated, tokenizer, pairs=[rated[0]]),
+        lambda: score_texts(rm, "good", tokenizer),
+        lambda: score_texts(rm, [], tokenizer),
+        lambda: score_texts(rm, ["good"], tokenizer, batch_size=0),
+    ]
+    for call in bad_calls:
+        with pytest.raises(ValueError):
+            call()
