@@ -354,7 +354,7 @@ def train_reward_model(model: RewardModel, train_snippets, tokenizer,
         raise ValueError("model must be a RewardModel built with an eot_id (where its head "
                          f"reads), got {type(model).__name__}")
     texts, ratings = _rated_texts(train_snippets, "train_snippets")
-    if len(texts) < 2 or not preference_mask(ratings, config.margin).any():
+    if len(texts) < 2 or ratings.max() - ratings.min() < config.margin:     # not one pair
         raise ValueError(f"train_snippets must hold two ratings that differ by "
                          f"margin={config.margin}; got {len(texts)} snippets")
     device = model_device(model)
