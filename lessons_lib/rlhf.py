@@ -30,7 +30,6 @@ including its first end-of-text token; everything else is masked out of every su
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 from numbers import Real
@@ -40,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checks import (eval_mode, is_int, non_negative_int, positive_int, positive_number,
+from .checks import (eval_mode, is_int, non_negative_int, number_in, positive_int, positive_number,
                      token_ids)
 from .generate import generate
 from .model import GPT, GPTConfig, num_parameters
@@ -100,12 +99,6 @@ def _check_mask(mask, shape) -> torch.Tensor:
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The mean of ``x`` over the tokens where ``mask`` is True (all rows pooled)."""
     return torch.where(mask, x, 0.0).sum() / mask.sum()
-
-
-def _unit_interval(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-    return float(value)
 
 
 # -----------------------------------------------------------------------------
@@ -305,10 +298,7 @@ class RewardTrainConfig:
         non_negative_int("RewardTrainConfig.seed", self.seed)
         positive_number("RewardTrainConfig.lr", self.lr)
         positive_number("RewardTrainConfig.margin", self.margin)
-        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, Real) \
-                or not 0 <= self.weight_decay < math.inf:
-            raise ValueError(f"RewardTrainConfig.weight_decay must be a finite number >= 0, "
-                             f"got {self.weight_decay!r}")
+        number_in("RewardTrainConfig.weight_decay", self.weight_decay, low=0.0)
         if self.threads is not None:
             positive_int("RewardTrainConfig.threads", self.threads)
 
@@ -620,9 +610,7 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor,
         raise ValueError(f"scores must have shape ({logprobs.size(0)},), one per sequence, "
                          f"got {tuple(scores.shape)}")
     _finite("scores", scores)
-    if isinstance(kl_coef, bool) or not isinstance(kl_coef, Real) or not kl_coef >= 0 \
-            or not math.isfinite(kl_coef):
-        raise ValueError(f"kl_coef must be a finite number >= 0, got {kl_coef!r}")
+    number_in("kl_coef", kl_coef, low=0.0)
     kl = torch.where(mask, logprobs - ref_logprobs, 0.0)
     rewards = -kl_coef * kl
     last = mask.size(1) - 1 - mask.flip(1).int().argmax(dim=1)     # each response's last token
@@ -648,7 +636,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     _check_mask(mask, rewards.shape)
     _finite("rewards", rewards)
     _finite("values", values)
-    gamma, lam = _unit_interval("gamma", gamma), _unit_interval("lam", lam)
+    gamma, lam = number_in("gamma", gamma, 0.0, 1.0), number_in("lam", lam, 0.0, 1.0)
     m = mask.to(rewards.dtype)
     r, v = rewards * m, values * m
     advantages = torch.zeros_like(r)
@@ -736,12 +724,9 @@ class PPOConfig:
         for name in ("temperature", "clip", "vf_clip", "lr"):
             positive_number(f"PPOConfig.{name}", getattr(self, name))
         for name in ("gamma", "lam"):
-            _unit_interval(f"PPOConfig.{name}", getattr(self, name))
+            number_in(f"PPOConfig.{name}", getattr(self, name), 0.0, 1.0)
         for name in ("kl_coef", "vf_coef", "grad_clip"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, Real) or not value >= 0 \
-                    or not math.isfinite(value):
-                raise ValueError(f"PPOConfig.{name} must be a finite number >= 0, got {value!r}")
+            number_in(f"PPOConfig.{name}", getattr(self, name), low=0.0)
         if self.minibatches > self.batch_size:
             raise ValueError(f"PPOConfig.minibatches={self.minibatches} is more than "
                              f"batch_size={self.batch_size}: a minibatch would be empty")
