@@ -16,8 +16,11 @@
    :func:`gae` (advantages), :func:`ppo_losses` (the clipped objectives).
 4. The PPO loop: :class:`PPOConfig`, :func:`ppo_step` (minibatch epochs over one batch of
    rollouts) and :func:`train_ppo` (rollout, reward, KL, GAE, update; logged per iteration).
+5. Measuring a policy, and the other way to optimise a reward: :func:`evaluate_policy` (mean
+   reward, KL to the reference and distinct-2 on fresh samples), :func:`best_of_n_kl` and
+   :func:`best_of_n` (pick the best of ``n`` samples by one reward; what it scores by others).
 
-Chapter 11's DPO and GRPO will follow as sections 5 and 6, reusing sections 1 to 3.
+Chapter 11's DPO and GRPO will follow as sections 6 and 7, reusing sections 1 to 3.
 
 Conventions. A batch of sequences is ``(B, L)``: a prompt of ``P`` tokens (the same ``P`` for
 every row) followed by a response. Every per-token tensor (log-probs, values, rewards,
@@ -30,6 +33,7 @@ including its first end-of-text token; everything else is masked out of every su
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 from numbers import Real
@@ -51,7 +55,8 @@ __all__ = ["RewardModel", "end_positions", "bradley_terry_loss", "pair_accuracy"
            "RewardEvaluation", "evaluate_reward_model",
            "Rollout", "rollout", "response_mask", "logprobs_from_logits", "entropy_from_logits",
            "sequence_logprobs", "distinct_n", "PolicyWithValue", "kl_penalized_rewards", "gae",
-           "PPOLosses", "ppo_losses", "PPOConfig", "PPOHistory", "ppo_step", "train_ppo"]
+           "PPOLosses", "ppo_losses", "PPOConfig", "PPOHistory", "ppo_step", "train_ppo",
+           "PolicyEvaluation", "evaluate_policy", "best_of_n_kl", "BestOfN", "best_of_n"]
 
 
 # -----------------------------------------------------------------------------
@@ -799,7 +804,7 @@ def _scores(reward_fn, batch: Rollout) -> torch.Tensor:
 
 
 def train_ppo(policy: PolicyWithValue, reference: GPT, reward_fn, prompts: torch.Tensor,
-              config: PPOConfig | None = None) -> PPOHistory:
+              config: PPOConfig | None = None, callback=None) -> PPOHistory:
     """Optimise ``policy`` in place with PPO against ``reward_fn``, kept near ``reference``.
 
     ``reward_fn(sequences (B, L), lengths (B,)) -> scores (B,)`` judges whole texts (a
@@ -807,8 +812,14 @@ def train_ppo(policy: PolicyWithValue, reference: GPT, reward_fn, prompts: torch
     point); ``prompts`` (N, P) are drawn ``config.batch_size`` at a time. Each iteration:
     rollout -> scores and the KL to the reference -> per-token rewards -> GAE -> PPO epochs.
     Dropout is off throughout, so the first ratio of every batch is exactly 1.
+
+    ``callback(iteration, policy, history)``, if given, runs after every iteration (1, 2, ...),
+    e.g. to evaluate checkpoints with :func:`evaluate_policy`; its time is not counted in
+    ``history.seconds``, and it must leave the policy's weights as it found them.
     """
     config = config or PPOConfig()
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback must be callable or None, got {type(callback).__name__}")
     if not isinstance(policy, PolicyWithValue):
         raise ValueError(f"policy must be a PolicyWithValue, got {type(policy).__name__}")
     shared = {id(p) for p in reference.parameters()} & {id(p) for p in policy.parameters()}
@@ -823,9 +834,9 @@ def train_ppo(policy: PolicyWithValue, reference: GPT, reward_fn, prompts: torch
     history = PPOHistory(threads=config.threads or threads_for(num_parameters(policy)))
     bar = tqdm(range(config.iterations), desc="PPO", disable=not config.progress, leave=False,
                mininterval=1.0)
-    start = time.perf_counter()
+    start, callback_seconds = time.perf_counter(), 0.0
     with eval_mode(policy), eval_mode(reference), use_threads(history.threads):
-        for _ in bar:
+        for iteration in bar:
             pick = torch.randint(len(prompts), (config.batch_size,), generator=generator)
             batch = rollout(policy, prompts[pick.to(device)], config.max_new_tokens,
                             config.temperature, config.eot_id, generator)
@@ -841,8 +852,12 @@ def train_ppo(policy: PolicyWithValue, reference: GPT, reward_fn, prompts: torch
             _log(history, stats, scores, kl, batch)
             bar.set_postfix(reward=f"{history.reward[-1]:.2f}", kl=f"{history.kl[-1]:.2f}",
                             refresh=False)
+            if callback is not None:
+                callback_start = time.perf_counter()
+                callback(iteration + 1, policy, history)
+                callback_seconds += time.perf_counter() - callback_start
     bar.close()
-    history.seconds = time.perf_counter() - start
+    history.seconds = time.perf_counter() - start - callback_seconds
     return history
 
 
@@ -853,3 +868,121 @@ def _log(history: PPOHistory, stats: dict, scores, kl, batch: Rollout) -> None:
     history.response_length.append(batch.response_mask.sum(dim=1).float().mean().item())
     for name, value in stats.items():
         getattr(history, name).append(value)
+
+
+# -----------------------------------------------------------------------------
+# 5. measuring a policy on fresh samples; best-of-n sampling
+
+@dataclass
+class PolicyEvaluation:
+    """A policy measured on fresh samples (one per prompt given)."""
+
+    rewards: dict[str, float]        # the mean score of the samples, by each reward function
+    kl: float                        # mean over samples of log p_policy - log p_ref (summed)
+    distinct_2: float                # distinct bigrams / all bigrams of the responses
+    ended: float                     # share of responses that end with the end-of-text token
+    response_length: float           # mean tokens per response, end-of-text included
+    scores: dict[str, torch.Tensor]  # (n,) each sample's score, by each reward function
+    samples: Rollout                 # the samples themselves (sequences, mask)
+
+
+def _reward_fns(reward_fns) -> dict:
+    if callable(reward_fns):
+        return {"reward": reward_fns}
+    if isinstance(reward_fns, dict) and reward_fns and all(callable(f) for f in
+                                                           reward_fns.values()):
+        return dict(reward_fns)
+    raise ValueError("reward_fns must be a reward function (sequences, lengths) -> scores, or "
+                     "a non-empty dict of them by name")
+
+
+def evaluate_policy(policy, reference: GPT, reward_fns, prompts: torch.Tensor,
+                    max_new_tokens: int, eot_id: int | None = None, temperature: float = 1.0,
+                    seed: int = 0) -> PolicyEvaluation:
+    """Sample one response per row of ``prompts`` (N, P) with ``policy`` (a GPT or a
+    :class:`PolicyWithValue`), as PPO does, and measure the samples: their mean score by each
+    of ``reward_fns`` (one function ``(sequences, lengths) -> scores``, such as a
+    :class:`RewardModel`, or a dict of them by name), the KL to ``reference`` (the k1
+    estimate of :func:`kl_penalized_rewards`, summed over each response and averaged over the
+    samples: an unbiased estimate of KL(policy || reference) in nats per response), distinct-2,
+    the share that end by themselves and their mean length. Seeded, so two policies measured
+    with one seed see the same prompts and random numbers."""
+    reward_fns = _reward_fns(reward_fns)
+    if not isinstance(reference, GPT):
+        raise ValueError(f"reference must be a lessons_lib.model.GPT, got "
+                         f"{type(reference).__name__}")
+    token_ids(prompts, "prompts", shape="(N, P)")
+    non_negative_int("seed", seed)
+    generator = torch.Generator().manual_seed(seed)
+    threads = threads_for(num_parameters(reference))
+    with use_threads(threads), eval_mode(reference):
+        samples = rollout(policy, prompts, max_new_tokens, temperature, eot_id, generator)
+        with torch.no_grad():
+            ref_logp = sequence_logprobs(reference, samples.sequences, samples.response_mask,
+                                         temperature)
+            scores = {name: _scores(fn, samples).cpu() for name, fn in reward_fns.items()}
+    kl = (samples.logprobs - ref_logp).sum(dim=1).mean().item()
+    response = samples.sequences[:, samples.prompt_length:]
+    ended = (response == eot_id).any(dim=1).float().mean().item() if eot_id is not None else 0.0
+    return PolicyEvaluation(
+        rewards={name: s.mean().item() for name, s in scores.items()}, kl=kl,
+        distinct_2=distinct_n(samples.responses(), 2), ended=ended,
+        response_length=samples.response_mask.sum(dim=1).float().mean().item(),
+        scores=scores, samples=samples)
+
+
+def best_of_n_kl(n) -> float:
+    """KL(best-of-n || base) = ``ln n - (n - 1) / n`` nats: the exact KL of picking the best of
+    ``n`` independent samples by a score with no ties (Stiennon et al., 2020, appendix; Beirami
+    et al., 2024, show it is an upper bound when ties are possible). 0 for ``n = 1``."""
+    if not (is_int(n) and n >= 1):
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    return math.log(n) - (n - 1) / n
+
+
+@dataclass
+class BestOfN:
+    """Best-of-n by one score, for each ``n``: what the picked sample scores, on average."""
+
+    n: list[int]
+    kl: list[float]                  # best_of_n_kl(n): nats from the base model
+    scores: dict[str, list[float]]   # by name: the mean score of the picked samples
+
+
+def best_of_n(select: torch.Tensor, ns, **others: torch.Tensor) -> BestOfN:
+    """Best-of-n sampling, estimated exactly from a pool of ``N`` samples per prompt.
+
+    ``select`` (prompts, N) holds the score that picks: best-of-n keeps, of ``n`` samples,
+    the one ``select`` ranks highest. ``others`` (each (prompts, N), by name) are other scores
+    of the same samples (e.g. a gold reward). For each ``n`` in ``ns`` (1 .. N) this returns
+    the expected score of the picked sample, averaged over the prompts, by ``select`` (as
+    ``"select"``) and by each of ``others``: not one random draw of ``n`` samples but the
+    average over every subset of ``n`` of the pool, an unbiased estimate. Sorted by
+    ``select``, the ``i``-th lowest of ``N`` (``i = 1 .. N``) is the best of a random subset of
+    ``n`` with probability ``C(i - 1, n - 1) / C(N, n)``."""
+    _float_tensor("select", select, ndim=2)
+    _finite("select", select)
+    for name, other in others.items():
+        _float_tensor(name, other, ndim=2)
+        _finite(name, other)
+        if other.shape != select.shape:
+            raise ValueError(f"{name} must have the shape of select, {tuple(select.shape)}, "
+                             f"got {tuple(other.shape)}")
+    n_prompts, pool = select.shape
+    ns = list(ns)
+    if not ns or not all(is_int(n) and 1 <= n <= pool for n in ns):
+        raise ValueError(f"ns must be ints in 1..{pool} (the samples per prompt), got {ns}")
+    order = select.argsort(dim=1)                                   # ascending, per prompt
+    ranked = {"select": select.gather(1, order).double()}
+    ranked.update({name: other.gather(1, order).double() for name, other in others.items()})
+    i = torch.arange(1, pool + 1, dtype=torch.float64)              # rank of each sorted sample
+    scores = {name: [] for name in ranked}
+    for n in ns:
+        # log C(i - 1, n - 1) - log C(N, n); zero weight where i < n
+        log_weight = (torch.lgamma(i) - torch.lgamma(torch.clamp(i - n + 1, min=1.0))
+                      - math.lgamma(n) - (math.lgamma(pool + 1) - math.lgamma(n + 1)
+                                          - math.lgamma(pool - n + 1)))
+        weight = torch.where(i >= n, log_weight.exp(), 0.0)          # sums to 1
+        for name, values in ranked.items():
+            scores[name].append((values @ weight).mean().item())
+    return BestOfN(ns, [best_of_n_kl(n) for n in ns], scores)

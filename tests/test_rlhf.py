@@ -1,6 +1,7 @@
 """lessons_lib.rlhf: the reward model and PPO, against direct computations written here."""
 
 import copy
+import itertools
 import math
 import random
 
@@ -10,7 +11,8 @@ import torch
 from lessons_lib.data import RatedSnippet
 from lessons_lib.model import GPT, GPTConfig
 from lessons_lib.rlhf import (PolicyWithValue, PPOConfig, RewardModel, RewardTrainConfig,
-                              all_pairs_bradley_terry_loss, bradley_terry_loss, distinct_n,
+                              all_pairs_bradley_terry_loss, best_of_n, best_of_n_kl,
+                              bradley_terry_loss, distinct_n, evaluate_policy,
                               encode_snippets, end_positions, evaluate_reward_model, gae,
                               kl_penalized_rewards, pair_accuracy, ppo_losses, preference_mask,
                               response_mask, rollout, score_texts, sequence_logprobs, spearman,
@@ -559,3 +561,99 @@ def test_bad_reward_training_input_raises_value_errors():
     for call in bad_calls:
         with pytest.raises(ValueError):
             call()
+
+
+# -- measuring a policy; best-of-n ----------------------------------------------------------
+
+def test_best_of_n_kl_matches_the_formula_and_a_direct_sum():
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+    assert best_of_n_kl(256) == pytest.approx(math.log(256) - 255 / 256)
+    # direct: of K equally likely outcomes, best-of-n picks rank k (1 = lowest) with probability
+    # (k/K)^n - ((k-1)/K)^n; its KL to the uniform base tends to ln n - (n-1)/n as K grows
+    K, n = 20_000, 5
+    k = torch.arange(1, K + 1, dtype=torch.float64)
+    p = (k / K) ** n - ((k - 1) / K) ** n
+    direct = (p * torch.log(p * K)).sum().item()
+    assert direct == pytest.approx(best_of_n_kl(n), abs=1e-3)
+
+
+def test_best_of_n_matches_an_average_over_every_subset():
+    g = torch.Generator().manual_seed(0)
+    select = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    gold = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    out = best_of_n(select, [1, 2, 3, 7], gold=gold)
+    assert out.n == [1, 2, 3, 7]
+    assert out.kl == pytest.approx([best_of_n_kl(n) for n in out.n])
+    for j, n in enumerate(out.n):
+        picked_select, picked_gold = [], []
+        for p in range(3):
+            subsets = list(itertools.combinations(range(7), n))
+            best = [max(s, key=lambda i: select[p, i].item()) for s in subsets]
+            picked_select.append(sum(select[p, i].item() for i in best) / len(best))
+            picked_gold.append(sum(gold[p, i].item() for i in best) / len(best))
+        assert out.scores["select"][j] == pytest.approx(sum(picked_select) / 3, abs=1e-9)
+        assert out.scores["gold"][j] == pytest.approx(sum(picked_gold) / 3, abs=1e-9)
+    assert out.scores["select"][0] == pytest.approx(select.mean().item())   # n = 1: any sample
+    assert out.scores["select"][-1] == pytest.approx(select.max(dim=1).values.mean().item())
+
+
+def test_best_of_n_rejects_bad_input():
+    select = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="ns must be"):
+        best_of_n(select, [5])
+    with pytest.raises(ValueError, match="ns must be"):
+        best_of_n(select, [])
+    with pytest.raises(ValueError, match="shape of select"):
+        best_of_n(select, [1], gold=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="finite"):
+        best_of_n(torch.tensor([[0.0, float("nan")]]), [1])
+    with pytest.raises(ValueError, match="n must be"):
+        best_of_n_kl(0)
+
+
+def test_evaluate_policy_measures_fresh_samples_and_is_zero_kl_for_the_reference():
+    base = tiny_gpt()
+    prompts = torch.randint(1, TINY.vocab_size, (40, 2), generator=torch.Generator().manual_seed(1))
+    reward = count_reward(7)
+    same = evaluate_policy(PolicyWithValue(copy.deepcopy(base)), base, reward, prompts, 8,
+                           eot_id=EOT, seed=3)
+    assert same.kl == 0.0
+    s = same.samples
+    expected_reward = reward(s.sequences, s.lengths).mean().item()
+    assert same.rewards == {"reward": pytest.approx(expected_reward)}
+    assert same.distinct_2 == pytest.approx(distinct_n(s.responses(), 2))
+    ended = [EOT in row for row in s.sequences[:, 2:].tolist()]
+    assert same.ended == pytest.approx(sum(ended) / 40)
+    assert same.response_length == pytest.approx(s.response_mask.sum().item() / 40)
+    # the same seed gives the same samples, with a GPT or its PolicyWithValue
+    again = evaluate_policy(base, base, {"a": reward, "b": reward}, prompts, 8, eot_id=EOT,
+                            seed=3)
+    assert torch.equal(again.samples.sequences, s.sequences)
+    assert set(again.scores) == {"a", "b"}
+    # a different policy: the KL is the mean of the summed log-ratios of its samples
+    other = tiny_gpt(seed=1)
+    moved = evaluate_policy(other, base, reward, prompts, 8, eot_id=EOT, seed=3)
+    m = moved.samples
+    with torch.no_grad():
+        direct = (sequence_logprobs(other, m.sequences, m.response_mask)
+                  - sequence_logprobs(base, m.sequences, m.response_mask)).sum(1).mean()
+    assert moved.kl == pytest.approx(direct.item(), rel=1e-5)
+    assert moved.kl > 0
+    with pytest.raises(ValueError, match="reward_fns"):
+        evaluate_policy(base, base, {}, prompts, 8)
+    with pytest.raises(ValueError, match="reference"):
+        evaluate_policy(base, PolicyWithValue(base), reward, prompts, 8)
+
+
+def test_train_ppo_calls_back_after_every_iteration():
+    base = tiny_gpt()
+    policy = PolicyWithValue(copy.deepcopy(base))
+    prompts = torch.randint(1, TINY.vocab_size, (8, 2), generator=torch.Generator().manual_seed(5))
+    seen = []
+    config = PPOConfig(iterations=3, batch_size=8, max_new_tokens=4, eot_id=EOT, progress=False)
+    train_ppo(policy, base, count_reward(7), prompts, config,
+              callback=lambda i, p, h: seen.append((i, p is policy, len(h.reward))))
+    assert seen == [(1, True, 1), (2, True, 2), (3, True, 3)]
+    with pytest.raises(ValueError, match="callback"):
+        train_ppo(policy, base, count_reward(7), prompts, config, callback=3)
