@@ -466,6 +466,13 @@ class Rollout:
         rows = zip(self.sequences.tolist(), self.response_mask.tolist())
         return [[t for t, m in zip(seq, mask) if m] for seq, mask in rows]
 
+    def texts(self, tokenizer, eot_id: int | None = None) -> list[str]:
+        """Each prompt and its response as text (``tokenizer.decode``), the end-of-text token
+        ``eot_id`` left out: what a :class:`RewardModel` reads, as a string."""
+        prompts = self.sequences[:, :self.prompt_length].tolist()
+        return [tokenizer.decode(prompt + [t for t in response if t != eot_id])
+                for prompt, response in zip(prompts, self.responses())]
+
 
 def response_mask(sequences: torch.Tensor, prompt_length: int,
                   eot_id: int | None = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 
 from lessons_lib.data import RatedSnippet
 from lessons_lib.model import GPT, GPTConfig
-from lessons_lib.rlhf import (PolicyWithValue, PPOConfig, RewardModel, RewardTrainConfig,
+from lessons_lib.rlhf import (PolicyWithValue, PPOConfig, RewardModel, RewardTrainConfig, Rollout,
                               all_pairs_bradley_terry_loss, best_of_n, best_of_n_kl,
                               bradley_terry_loss, distinct_n, evaluate_policy,
                               encode_snippets, end_positions, evaluate_reward_model, gae,
@@ -657,3 +657,13 @@ def test_train_ppo_calls_back_after_every_iteration():
     assert seen == [(1, True, 1), (2, True, 2), (3, True, 3)]
     with pytest.raises(ValueError, match="callback"):
         train_ppo(policy, base, count_reward(7), prompts, config, callback=3)
+
+
+def test_rollout_texts_decode_prompt_and_response_without_the_eot():
+    tok = CharTokenizer.from_text("abc|")
+    eot = tok.encode("|")[0]
+    a, b, c = tok.encode("abc")
+    sequences = torch.tensor([[a, b, c, eot, a], [b, b, a, c, c]])
+    mask = response_mask(sequences, 2, eot)
+    out = Rollout(sequences, mask, torch.zeros(2, 5), None, 2)
+    assert out.texts(tok, eot) == ["abc", "bbacc"]
