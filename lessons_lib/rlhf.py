@@ -922,11 +922,15 @@ def evaluate_policy(policy, reference: GPT, reward_fns, prompts: torch.Tensor,
     non_negative_int("seed", seed)
     generator = torch.Generator().manual_seed(seed)
     threads = threads_for(num_parameters(reference))
+    gpt = policy.gpt if isinstance(policy, PolicyWithValue) else policy
     with use_threads(threads), eval_mode(reference):
         samples = rollout(policy, prompts, max_new_tokens, temperature, eot_id, generator)
         with torch.no_grad():
-            ref_logp = sequence_logprobs(reference, samples.sequences, samples.response_mask,
-                                         temperature)
+            if gpt is reference:             # the reference itself: KL 0, one pass saved
+                ref_logp = samples.logprobs
+            else:
+                ref_logp = sequence_logprobs(reference, samples.sequences,
+                                             samples.response_mask, temperature)
             scores = {name: _scores(fn, samples).cpu() for name, fn in reward_fns.items()}
     kl = (samples.logprobs - ref_logp).sum(dim=1).mean().item()
     response = samples.sequences[:, samples.prompt_length:]
