@@ -10,11 +10,13 @@
    cross-entropy, per token or per example).
 3. :func:`build_sft_dataset` (encode, and drop or truncate what does not fit ``block_size``)
    and :func:`sft_batch_fn`, which samples padded batches for :func:`lessons_lib.train.train`.
-4. :func:`generate_responses` -- a model's greedy answers to many prompts, batched.
+4. :func:`generate_responses` -- a model's greedy answers to many prompts, batched;
+   :func:`continuation_logprobs` -- how likely each of a few fixed answers is after a prompt.
 5. :func:`resize_token_embeddings` -- give a pre-trained GPT rows for the template's new tokens.
 6. LoRA (Hu et al., 2021): :class:`LoRALinear` adds ``scale * B @ A`` to a frozen
    ``nn.Linear``; :func:`apply_lora` wraps a model's chosen layers and freezes everything else;
    :func:`merge_lora` / :func:`unmerge_lora`; :func:`lora_parameters`, :func:`parameter_counts`.
+   The token table can be a target too (:class:`LoRAEmbedding`, read by a :class:`TiedHead`).
 
 The special tokens take the ids just after the tokenizer's (``tokenizer.vocab_size`` and up):
 the tokenizer never produces them, so a text can never fake a prompt or end marker, and a
@@ -31,15 +33,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import non_negative_int, number_in, positive_int, positive_number, token_ids
+from .checks import eval_mode, non_negative_int, number_in, positive_int, positive_number, token_ids
 from .generate import generate
 from .model import next_token_loss, num_parameters
 from .runtime import choose_device
 
 __all__ = ["IGNORE", "ChatTemplate", "Example", "collate", "sft_loss", "SFTDataset",
-           "build_sft_dataset", "sft_batch_fn", "generate_responses", "resize_token_embeddings",
-           "LoRALinear", "DEFAULT_LORA_TARGETS", "apply_lora", "lora_layers", "lora_parameters",
-           "merge_lora", "unmerge_lora", "parameter_counts"]
+           "build_sft_dataset", "sft_batch_fn", "generate_responses", "continuation_logprobs",
+           "resize_token_embeddings", "LoRALinear", "DEFAULT_LORA_TARGETS", "apply_lora",
+           "lora_layers", "lora_parameters", "merge_lora", "unmerge_lora", "parameter_counts",
+           "LoRAEmbedding", "TiedHead", "TOKEN_TABLE"]
 
 IGNORE = -100       # a target the loss skips (PyTorch's ignore_index)
 
@@ -354,6 +357,51 @@ def generate_responses(model: nn.Module, template: ChatTemplate, tokenizer, prom
     return answers
 
 
+@torch.no_grad()
+def continuation_logprobs(model: nn.Module, contexts: Sequence[Sequence[int]],
+                          continuations: Sequence[Sequence[int]],
+                          batch_size: int = 128) -> torch.Tensor:
+    """``(len(contexts), len(continuations))``: log P(continuation | context) under ``model``,
+    the sum of the log-probabilities of the continuation's tokens, each given all before it.
+
+    This is how a base model answers a multiple-choice question without generating: score
+    every allowed answer after the prompt and pick the likeliest. Sequences are right-padded
+    (a causal model's positions never see what comes after them), in eval mode.
+    """
+    positive_int("batch_size", batch_size)
+    lists = {}
+    for what, seqs in (("contexts", contexts), ("continuations", continuations)):
+        if isinstance(seqs, (str, torch.Tensor)) or not isinstance(seqs, Sequence) or not seqs:
+            raise ValueError(f"{what} must be a non-empty list of token-id lists, got {seqs!r}")
+        lists[what] = [list(s.tolist() if isinstance(s, torch.Tensor) else s) for s in seqs]
+        empty = [i for i, s in enumerate(lists[what]) if not s]
+        if empty:
+            raise ValueError(f"{what}[{empty[0]}] is empty")
+    contexts, continuations = lists["contexts"], lists["continuations"]
+    longest = max(map(len, contexts)) + max(map(len, continuations))
+    if longest > model.config.block_size:
+        raise ValueError(f"a context and a continuation take up to {longest} tokens, more than "
+                         f"block_size={model.config.block_size}")
+    device = next(model.parameters()).device
+    scores = torch.empty(len(contexts), len(continuations))
+    with eval_mode(model):
+        for c, answer in enumerate(continuations):
+            answer_ids = torch.tensor(answer)
+            for start in range(0, len(contexts), batch_size):
+                chunk = contexts[start:start + batch_size]
+                lengths = torch.tensor([len(ctx) for ctx in chunk])
+                rows = [torch.tensor(ctx + answer) for ctx in chunk]
+                inputs = nn.utils.rnn.pad_sequence(rows, batch_first=True)     # (B, T), pad 0
+                logits, _ = model(inputs.to(device))
+                log_probs = F.log_softmax(logits.float().cpu(), dim=-1)
+                # the logits at position len(ctx) - 1 + j predict answer token j
+                where = lengths[:, None] - 1 + torch.arange(len(answer))        # (B, L)
+                picked = log_probs[torch.arange(len(chunk))[:, None], where]    # (B, L, V)
+                token_lp = picked.gather(-1, answer_ids.expand(len(chunk), -1)[..., None])
+                scores[start:start + len(chunk), c] = token_lp.squeeze(-1).sum(-1)
+    return scores
+
+
 # -----------------------------------------------------------------------------
 # 5. room for the new tokens in a pre-trained GPT
 
@@ -466,10 +514,69 @@ class LoRALinear(nn.Module):
         self.merged = False
 
 
+class LoRAEmbedding(nn.Module):
+    """A frozen token table plus a trainable low-rank update: ``weight = W + scale * B @ A``.
+
+    ``lora_B`` (vocab, r) starts at zero, ``lora_A`` (r, n_embd) like an ``nn.Linear`` weight,
+    so at the start the table is exactly the base one. Row ``i`` of the update is ``B[i] @ A``:
+    each token moves within one shared r-dimensional subspace, which is enough to give every
+    word, say, a learned "sentiment" coordinate (rank 1). In a GPT with tied weights the output
+    head reads the same ``weight`` (:class:`TiedHead`), so the update acts on both ends and
+    :meth:`merge` is exact for both.
+    """
+
+    def __init__(self, base: nn.Embedding, r: int, alpha: float):
+        super().__init__()
+        if not isinstance(base, nn.Embedding):
+            raise ValueError(f"LoRAEmbedding wraps an nn.Embedding, got {type(base).__name__}")
+        positive_int("r", r)
+        positive_number("alpha", alpha)
+        self.base = base
+        base.weight.requires_grad_(False)
+        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, base.embedding_dim, **like))
+        self.lora_B = nn.Parameter(torch.zeros(base.num_embeddings, r, **like))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.r, self.alpha, self.scale = r, float(alpha), alpha / r
+        self.merged = False
+
+    extra_repr = LoRALinear.extra_repr
+    delta_weight = LoRALinear.delta_weight
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The table in use: the base rows plus the update (the base alone once merged)."""
+        return self.base.weight if self.merged else self.base.weight + self.delta_weight()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.weight)
+
+    merge = LoRALinear.merge
+    unmerge = LoRALinear.unmerge
+
+
+class TiedHead(nn.Module):
+    """The output head of a tied GPT whose table is a :class:`LoRAEmbedding`:
+    ``logits = x @ model.wte.weight.T``. It holds no parameter of its own (it reaches the table
+    through the model, not as a submodule), so nothing is counted or saved twice."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self._model = [model]          # in a list: not registered as a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._model[0].wte.weight)
+
+
+LORA_TYPES = (LoRALinear, LoRAEmbedding)
+
+
 # Every Linear inside GPT's blocks: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj. Not lm_head:
 # in a GPT with tied weights lm_head.weight *is* wte.weight, so merging an update into it would
-# change the input embeddings too (merged != unmerged), and it is the largest matrix (V x d).
+# change the input embeddings too (merged != unmerged). The token table itself can be a target:
+# "wte" wraps it in a LoRAEmbedding, which the tied head then reads (see apply_lora).
 DEFAULT_LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
+TOKEN_TABLE = "wte"
 
 
 def _matches(name: str, targets: Sequence[str]) -> str | None:
@@ -493,9 +600,10 @@ def _tied(model: nn.Module) -> dict[int, list[str]]:
 
 
 def _chosen_linears(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
+    layer_targets = tuple(t for t in targets if t != TOKEN_TABLE)
     chosen = [name for name, m in model.named_modules()
-              if isinstance(m, nn.Linear) and _matches(name, targets)]
-    unmatched = [t for t in targets if not any(_matches(name, (t,)) for name in chosen)]
+              if isinstance(m, nn.Linear) and _matches(name, layer_targets)]
+    unmatched = [t for t in layer_targets if not any(_matches(name, (t,)) for name in chosen)]
     if unmatched:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         raise ValueError(f"targets {unmatched} match no nn.Linear of the model; its Linear layers "
@@ -505,8 +613,19 @@ def _chosen_linears(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
         others = [n for n in shared[id(model.get_submodule(name).weight)] if n != name + ".weight"]
         if others:
             raise ValueError(f"{name}.weight is tied to {others}: merging LoRA into it would "
-                             "change those too; leave it out of targets")
+                             f"change those too; leave it out of targets (for the token table "
+                             f"and a head tied to it, use the target {TOKEN_TABLE!r})")
     return chosen
+
+
+def _check_token_table(model: nn.Module) -> None:
+    wte, head = getattr(model, "wte", None), getattr(model, "lm_head", None)
+    if not isinstance(wte, nn.Embedding) or not isinstance(head, nn.Linear):
+        raise ValueError(f"the target {TOKEN_TABLE!r} needs a lessons_lib GPT with an "
+                         "nn.Embedding wte and an nn.Linear lm_head")
+    if head.weight is not wte.weight:
+        raise ValueError(f"the target {TOKEN_TABLE!r} needs tied embeddings "
+                         "(lm_head.weight is wte.weight)")
 
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0,
@@ -515,27 +634,35 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0,
     and freeze every other parameter; returns ``model`` (changed in place).
 
     A target is matched by whole dotted parts: "c_proj" wraps both ``attn.c_proj`` and
-    ``mlp.c_proj``; "attn.c_proj" only the first. A target that matches nothing, or a layer
-    whose weight is tied to another parameter (GPT's lm_head), is a ValueError.
+    ``mlp.c_proj``; "attn.c_proj" only the first. The target "wte" wraps a tied GPT's token
+    table in a :class:`LoRAEmbedding` and makes its head a :class:`TiedHead` that reads the
+    same updated table (no dropout there). A target that matches nothing, or a layer whose
+    weight is tied to another parameter (GPT's lm_head), is a ValueError.
     """
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
+    if any(isinstance(m, LORA_TYPES) for m in model.modules()):
         raise ValueError("the model has LoRA layers already: apply_lora once per model")
     positive_int("r", r)
     positive_number("alpha", alpha)
     number_in("dropout", dropout, 0.0, 1.0, high_open=True)
-    chosen = _chosen_linears(model, _check_targets(targets))
+    targets = _check_targets(targets)
+    chosen = _chosen_linears(model, targets)
+    if TOKEN_TABLE in targets:
+        _check_token_table(model)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in chosen:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout))
+    if TOKEN_TABLE in targets:
+        model.wte = LoRAEmbedding(model.wte, r, alpha)
+        model.lm_head = TiedHead(model)
     return model
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear | LoRAEmbedding]:
     """The model's LoRA layers by name; a ValueError if it has none."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LORA_TYPES)}
     if not layers:
         raise ValueError("the model has no LoRA layers: call apply_lora(model, ...) first")
     return layers

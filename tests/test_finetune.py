@@ -1,4 +1,5 @@
-"""lessons_lib.finetune: the template, the masked SFT loss, padding, the dataset, LoRA.
+"""lessons_lib.finetune: the template, the masked SFT loss, padding, the dataset, scoring fixed
+answers, LoRA (on Linear layers and on the tied token table).
 
 References: the loss against a loop over positions written here; LoRA against a plain
 computation and, where it installs, against Hugging Face's peft with the same A and B."""
@@ -10,12 +11,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lessons_lib.finetune import (IGNORE, ChatTemplate, Example, LoRALinear, apply_lora,
-                                  build_sft_dataset, collate, generate_responses, lora_layers,
+from lessons_lib.finetune import (IGNORE, ChatTemplate, Example, LoRAEmbedding, LoRALinear,
+                                  TiedHead, apply_lora, build_sft_dataset, collate,
+                                  continuation_logprobs, generate_responses, lora_layers,
                                   lora_parameters, merge_lora, parameter_counts,
                                   resize_token_embeddings, sft_batch_fn, sft_loss, unmerge_lora)
 from lessons_lib.generate import generate
-from lessons_lib.model import GPT, GPTConfig
+from lessons_lib.model import GPT, GPTConfig, num_parameters
 from lessons_lib.tokenizers import BPETokenizer, CharTokenizer
 from lessons_lib.train import TrainConfig, evaluate, train
 
@@ -423,3 +425,105 @@ def test_fine_tuning_lowers_the_response_loss(use_lora):
     for name, p in model.named_parameters():
         if name in frozen:
             assert torch.equal(p, frozen[name]), name
+
+
+# -- scoring fixed answers, and the new tokens beside LoRA -----------------------------------
+
+def test_continuation_logprobs_equal_a_sum_over_one_sequence_at_a_time():
+    model = tiny_gpt()
+    contexts = [ids("abc"), ids("h"), ids("gg ab")]
+    answers = [ids("de"), ids("f"), ids("a b")]
+    got = continuation_logprobs(model, contexts, answers, batch_size=2)
+    assert got.shape == (3, 3)
+    for n, ctx in enumerate(contexts):
+        for c, ans in enumerate(answers):
+            with torch.no_grad():
+                logits, _ = model(torch.tensor([ctx + ans]))
+            log_probs = torch.log_softmax(logits[0], dim=-1)
+            direct = sum(log_probs[len(ctx) - 1 + j, t] for j, t in enumerate(ans))
+            torch.testing.assert_close(got[n, c], direct, atol=1e-5, rtol=1e-5)
+
+
+def test_continuation_logprobs_reject_bad_input():
+    model = tiny_gpt()
+    with pytest.raises(ValueError, match="non-empty"):
+        continuation_logprobs(model, [], [ids("a")])
+    with pytest.raises(ValueError, match=r"contexts\[1\] is empty"):
+        continuation_logprobs(model, [ids("a"), []], [ids("a")])
+    with pytest.raises(ValueError, match="block_size"):
+        continuation_logprobs(model, [ids("abcdefgh" * 3)], [ids("a")])
+
+
+def test_lora_on_the_token_table_acts_on_both_ends_and_merges_exactly():
+    model = tiny_gpt()
+    x = torch.tensor([TEMPLATE.encode_prompt(TOKENIZER, "abc") + [E]])
+    with torch.no_grad():
+        before = model(x)[0]
+    table = model.wte.weight.detach().clone()
+    apply_lora(model, r=2, alpha=4, targets=("wte", "c_fc"))
+    assert isinstance(model.wte, LoRAEmbedding) and isinstance(model.lm_head, TiedHead)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], before, atol=0, rtol=0)    # B = 0: no change
+    V, d = TEMPLATE.vocab_size, 32
+    counts = parameter_counts(model)
+    assert counts["trainable"] == 2 * (V + d) + 2 * 2 * (d + 4 * d)     # table + 2 c_fc layers
+    assert counts["total"] == num_parameters(tiny_gpt()) + counts["trainable"]
+    randomize_b(model)
+    wte = model.wte
+    # a direct computation: the updated table W + (alpha / r) B A, at the input and the output
+    updated = table + 2.0 * wte.lora_B @ wte.lora_A
+    with torch.no_grad():
+        h = model.hidden_states(x)
+        torch.testing.assert_close(model(x)[0], h @ updated.T, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(wte(x), updated[x], atol=1e-6, rtol=1e-6)
+        unmerged = model(x)[0]
+        merge_lora(model)
+        torch.testing.assert_close(model(x)[0], unmerged, atol=1e-5, rtol=1e-5)
+        unmerge_lora(model)
+    torch.testing.assert_close(wte.base.weight, table, atol=1e-6, rtol=0)
+    _, loss = model(x, torch.tensor([x[0, 1:].tolist() + [E]]))
+    loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in with_grad if n.startswith("wte")} == {"wte.lora_A", "wte.lora_B"}
+    assert wte.base.weight.grad is None
+
+
+def test_lora_on_the_token_table_trains_with_the_library_loop():
+    model = apply_lora(tiny_gpt(), r=2, alpha=4, targets=("wte",))
+    table = model.wte.base.weight.detach().clone()
+    config = TrainConfig(max_steps=3, lr=1e-2, warmup_steps=0, eval_interval=3, eval_batches=1,
+                         device="cpu", progress=False)
+    data = build_sft_dataset([("ab", "ba"), ("cd", "dc")], TEMPLATE, TOKENIZER, 16)
+    train(model, sft_batch_fn(data.examples, data.examples, 2, PAD, device="cpu"), config)
+    assert torch.equal(model.wte.base.weight, table)
+    assert model.wte.lora_B.abs().sum() > 0
+    answers = generate_responses(model, TEMPLATE, TOKENIZER, ["ab", "cd"], 3)
+    assert len(answers) == 2
+
+
+@pytest.mark.slow                   # importing peft (and transformers) takes seconds
+def test_lora_embedding_matches_peft_with_the_same_weights():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    table = nn.Embedding(13, 8)
+    ours = LoRAEmbedding(copy.deepcopy(table), r=3, alpha=6)
+    ours.lora_B.data = torch.randn(13, 3)
+    holder = nn.Module()
+    holder.wte = copy.deepcopy(table)
+    config = peft.LoraConfig(r=3, lora_alpha=6, lora_dropout=0.0, target_modules=["wte"])
+    theirs = peft.inject_adapter_in_model(config, holder).wte
+    with torch.no_grad():     # peft's A is (r, vocab) and B (dim, r): the transposes of ours
+        theirs.lora_embedding_A["default"].copy_(ours.lora_B.T)
+        theirs.lora_embedding_B["default"].copy_(ours.lora_A.T)
+    idx = torch.tensor([[0, 5, 12, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), theirs(idx), atol=1e-6, rtol=1e-6)
+
+
+def test_token_table_target_needs_a_tied_gpt():
+    with pytest.raises(ValueError, match="tied embeddings"):
+        apply_lora(tiny_gpt(tie_weights=False), targets=("wte",))
+    model = apply_lora(tiny_gpt(), targets=("wte",))
+    with pytest.raises(ValueError, match="once per model"):
+        apply_lora(model, targets=("wte",))
