@@ -20,7 +20,12 @@
    reward, KL to the reference and distinct-2 on fresh samples), :func:`best_of_n_kl` and
    :func:`best_of_n` (pick the best of ``n`` samples by one reward; what it scores by others).
 
-Chapter 11's DPO and GRPO will follow as sections 6 and 7, reusing sections 1 to 3.
+6. DPO (chapter 11): :func:`dpo_loss`, the Bradley-Terry loss on the policy's log-probability
+   ratios to the reference (the implicit reward), with no reward model in the loop.
+7. GRPO (chapter 11): :func:`group_advantages` (a group of samples per prompt, normalised
+   within the group; no value head), :func:`no_signal_fraction`, :func:`grpo_losses` (the
+   clipped surrogate with a per-sequence advantage and a k3 KL to the reference, averaged per
+   token or per sequence) and :func:`pass_at_k`, the unbiased estimator.
 
 Conventions. A batch of sequences is ``(B, L)``: a prompt of ``P`` tokens (the same ``P`` for
 every row) followed by a response. Every per-token tensor (log-probs, values, rewards,
@@ -56,7 +61,9 @@ __all__ = ["RewardModel", "end_positions", "bradley_terry_loss", "pair_accuracy"
            "Rollout", "rollout", "response_mask", "logprobs_from_logits", "entropy_from_logits",
            "sequence_logprobs", "distinct_n", "PolicyWithValue", "kl_penalized_rewards", "gae",
            "PPOLosses", "ppo_losses", "PPOConfig", "PPOHistory", "ppo_step", "train_ppo",
-           "PolicyEvaluation", "evaluate_policy", "best_of_n_kl", "BestOfN", "best_of_n"]
+           "PolicyEvaluation", "evaluate_policy", "best_of_n_kl", "BestOfN", "best_of_n",
+           "dpo_loss", "group_advantages", "no_signal_fraction", "GRPOLosses", "grpo_losses",
+           "pass_at_k"]
 
 
 # -----------------------------------------------------------------------------
@@ -662,6 +669,17 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     return advantages, (advantages + v) * m
 
 
+def _clipped_surrogate(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                       mask: torch.Tensor, clip: float):
+    """Per token: PPO's clipped policy loss ``max(-A ratio, -A clip(ratio))`` (B, L), the ratio,
+    and whether it left the clip range; ``advantages`` (B, L) or (B, 1)."""
+    log_ratio = torch.where(mask, new_logp - old_logp, 0.0)
+    ratio = log_ratio.exp()
+    loss = torch.maximum(-advantages * ratio,
+                         -advantages * ratio.clamp(1.0 - clip, 1.0 + clip))
+    return loss, ratio, log_ratio
+
+
 @dataclass
 class PPOLosses:
     policy: torch.Tensor             # the clipped surrogate, to minimise
@@ -689,11 +707,8 @@ def ppo_losses(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch
     _check_mask(mask, new_logp.shape)
     clip, vf_clip = positive_number("clip", clip), positive_number("vf_clip", vf_clip)
 
-    log_ratio = torch.where(mask, new_logp - old_logp, 0.0)
-    ratio = log_ratio.exp()
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
-    policy_loss = _masked_mean(torch.maximum(unclipped, clipped), mask)
+    token_loss, ratio, log_ratio = _clipped_surrogate(new_logp, old_logp, advantages, mask, clip)
+    policy_loss = _masked_mean(token_loss, mask)
 
     values_clipped = old_values + (values - old_values).clamp(-vf_clip, vf_clip)
     value_error = torch.maximum((values - returns).square(), (values_clipped - returns).square())
@@ -997,3 +1012,157 @@ def best_of_n(select: torch.Tensor, ns, **others: torch.Tensor) -> BestOfN:
         for name, values in ranked.items():
             scores[name].append((values @ weight).mean().item())
     return BestOfN(ns, [best_of_n_kl(n) for n in ns], scores)
+
+
+# -----------------------------------------------------------------------------
+# 6. DPO: the preference loss on log-probability ratios, no reward model in the loop
+
+def _check_logps(**logps: torch.Tensor) -> None:
+    for name, t in logps.items():
+        _float_tensor(name, t, ndim=1)
+        _finite(name, t)
+    _same_shape(**logps)
+    if next(iter(logps.values())).numel() == 0:
+        raise ValueError("got no pairs: the log-probability tensors are empty")
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Direct Preference Optimization (Rafailov et al., 2023), averaged over the pairs.
+
+    Each argument is (pairs,): a response's log-probability summed over its response tokens
+    only (:func:`sequence_logprobs` ``.sum(1)``), under the policy or the frozen reference. The
+    implicit reward of a response is ``beta * (log pi(y|x) - log pi_ref(y|x))``, and the loss is
+    the Bradley-Terry negative log-likelihood of the preferences under that reward:
+    ``-log sigmoid(r(chosen) - r(rejected))``. ``beta = 0``, or equal log-ratios, gives ln 2.
+
+    Returns ``(loss, chosen_rewards, rejected_rewards)``; the rewards are detached.
+    """
+    _check_logps(policy_chosen_logps=policy_chosen_logps,
+                 policy_rejected_logps=policy_rejected_logps,
+                 ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
+    beta = number_in("beta", beta, 0.0, math.inf, high_open=True)
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps)
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
+    loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
+    return loss, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+# -----------------------------------------------------------------------------
+# 7. GRPO: advantages from a group of samples per prompt, no value head; pass@k
+
+def _check_groups(rewards, group_size: int) -> torch.Tensor:
+    _float_tensor("rewards", rewards, ndim=1)
+    _finite("rewards", rewards)
+    if not (is_int(group_size) and group_size >= 2):
+        raise ValueError(f"group_size must be an int >= 2 (a group compares its samples), "
+                         f"got {group_size!r}")
+    if rewards.numel() == 0 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must hold whole groups of {group_size} (prompt after prompt), "
+                         f"got {rewards.numel()} rewards")
+    return rewards.view(-1, group_size)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
+                     eps: float = 1e-4) -> torch.Tensor:
+    """(B,): each sample's reward minus its group's mean, divided by the group's standard
+    deviation (Bessel-corrected) plus ``eps`` when ``scale_by_std`` (GRPO, Shao et al., 2024),
+    not divided when False (Dr. GRPO, Liu et al., 2025: dividing by the std up-weights groups
+    whose rewards barely differ, i.e. prompts that are too easy or too hard).
+
+    ``rewards`` (B,) holds ``B / group_size`` groups one after the other: samples ``0 ..
+    group_size - 1`` answer the first prompt, and so on. A group whose rewards are all equal
+    gets advantage 0 for every sample: it carries no signal.
+    """
+    groups = _check_groups(rewards, group_size)
+    positive_number("eps", eps)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+    return centred.flatten()
+
+
+def no_signal_fraction(rewards: torch.Tensor, group_size: int) -> float:
+    """The fraction of groups whose rewards are all equal: GRPO learns nothing from them."""
+    groups = _check_groups(rewards, group_size)
+    return (groups == groups[:, :1]).all(dim=1).float().mean().item()
+
+
+@dataclass
+class GRPOLosses:
+    loss: torch.Tensor            # what to minimise: policy_loss + kl_coef * kl
+    policy_loss: torch.Tensor
+    kl: torch.Tensor              # the k3 estimate of KL(policy || reference) per token, detached
+    clip_fraction: torch.Tensor   # share of response tokens whose ratio left the clip range
+
+
+def grpo_losses(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0,
+                clip: float = 0.2, aggregation: str = "token") -> GRPOLosses:
+    """GRPO's objective: PPO's clipped surrogate with one advantage per sequence (B,) spread
+    over its response tokens, plus ``kl_coef`` times a per-token KL to the reference.
+
+    The KL is the k3 estimator ``exp(q) - q - 1`` with ``q = ref_logp - new_logp`` (unbiased
+    and never negative), as in DeepSeekMath; ``ref_logp`` is needed when ``kl_coef > 0``.
+
+    ``aggregation`` says how tokens are averaged. "token": over every response token of the
+    batch at once, so each token counts the same (DAPO, Dr. GRPO; what this course uses).
+    "sequence": over each sequence's tokens, then over sequences (the original GRPO): a token
+    of a short response then weighs more than one of a long response, which biases the
+    policy's response length.
+    """
+    for name, t in dict(new_logp=new_logp, old_logp=old_logp).items():
+        _float_tensor(name, t, ndim=2)
+    _same_shape(new_logp=new_logp, old_logp=old_logp)
+    _check_mask(mask, new_logp.shape)
+    _float_tensor("advantages", advantages, ndim=1)
+    _finite("advantages", advantages)
+    if advantages.shape[0] != new_logp.shape[0]:
+        raise ValueError(f"advantages must have one entry per sequence ({new_logp.shape[0]}), "
+                         f"got shape {_shape(advantages)}")
+    kl_coef = number_in("kl_coef", kl_coef, 0.0, math.inf, high_open=True)
+    clip = positive_number("clip", clip)
+    if aggregation not in ("token", "sequence"):
+        raise ValueError(f'aggregation must be "token" or "sequence", got {aggregation!r}')
+    if kl_coef > 0 and ref_logp is None:
+        raise ValueError("kl_coef > 0 needs ref_logp, the reference's per-token log-probs")
+
+    def average(x):
+        if aggregation == "token":
+            return _masked_mean(x, mask)
+        per_sequence = torch.where(mask, x, 0.0).sum(dim=1) / mask.sum(dim=1)
+        return per_sequence.mean()
+
+    token_loss, ratio, _ = _clipped_surrogate(new_logp, old_logp, advantages[:, None], mask, clip)
+    policy_loss = average(token_loss)
+    if ref_logp is not None:
+        _float_tensor("ref_logp", ref_logp, ndim=2)
+        _same_shape(new_logp=new_logp, ref_logp=ref_logp)
+        q = torch.where(mask, ref_logp - new_logp, 0.0)
+        kl = average(q.exp() - q - 1.0)
+    else:
+        kl = torch.zeros((), dtype=new_logp.dtype, device=new_logp.device)
+    with torch.no_grad():
+        clip_fraction = _masked_mean(((ratio - 1.0).abs() > clip).float(), mask)
+    return GRPOLosses(policy_loss + kl_coef * kl, policy_loss, kl.detach(), clip_fraction)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimate of pass@k from ``n`` samples of which ``c`` are correct (Chen et
+    al., 2021): the probability that at least one of ``k`` samples drawn without replacement
+    from the ``n`` is correct, ``1 - C(n - c, k) / C(n, k)``, computed as a product so that it
+    stays exact for large ``n``."""
+    for name, value in (("n", n), ("c", c), ("k", k)):
+        if not is_int(value):
+            raise ValueError(f"{name} must be an int, got {value!r}")
+    if not 0 <= c <= n:
+        raise ValueError(f"c (correct samples) must be in 0..n={n}, got {c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in 1..n={n} (k samples out of n), got {k}")
+    if n - c < k:
+        return 1.0
+    fail = 1.0
+    for i in range(n - c + 1, n + 1):        # C(n-c, k) / C(n, k) = prod (1 - k / i)
+        fail *= 1.0 - k / i
+    return 1.0 - fail
