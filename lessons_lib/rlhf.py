@@ -21,11 +21,15 @@
    :func:`best_of_n` (pick the best of ``n`` samples by one reward; what it scores by others).
 
 6. DPO (chapter 11): :func:`dpo_loss`, the Bradley-Terry loss on the policy's log-probability
-   ratios to the reference (the implicit reward), with no reward model in the loop.
+   ratios to the reference (the implicit reward), with no reward model in the loop; pairs from
+   token lists (:func:`encode_responses`) or from groups of samples (:func:`best_and_worst`);
+   :class:`DPOConfig`, :func:`train_dpo` and :func:`dpo_implicit_accuracy` on held-out pairs.
 7. GRPO (chapter 11): :func:`group_advantages` (a group of samples per prompt, normalised
    within the group; no value head), :func:`no_signal_fraction`, :func:`grpo_losses` (the
    clipped surrogate with a per-sequence advantage and a k3 KL to the reference, averaged per
-   token or per sequence) and :func:`pass_at_k`, the unbiased estimator.
+   token or per sequence), :func:`pass_at_k`, the unbiased estimator, and
+   :func:`mean_pass_at_k`; the loop: :class:`GRPOConfig` and :func:`train_grpo` (a group of
+   samples per prompt, a reward a program computes, logged per iteration).
 
 Conventions. A batch of sequences is ``(B, L)``: a prompt of ``P`` tokens (the same ``P`` for
 every row) followed by a response. Every per-token tensor (log-probs, values, rewards,
@@ -62,8 +66,10 @@ __all__ = ["RewardModel", "end_positions", "bradley_terry_loss", "pair_accuracy"
            "sequence_logprobs", "distinct_n", "PolicyWithValue", "kl_penalized_rewards", "gae",
            "PPOLosses", "ppo_losses", "PPOConfig", "PPOHistory", "ppo_step", "train_ppo",
            "PolicyEvaluation", "evaluate_policy", "best_of_n_kl", "BestOfN", "best_of_n",
-           "dpo_loss", "group_advantages", "no_signal_fraction", "GRPOLosses", "grpo_losses",
-           "pass_at_k"]
+           "dpo_loss", "encode_responses", "best_and_worst", "DPOConfig", "DPOHistory",
+           "train_dpo", "dpo_implicit_accuracy",
+           "group_advantages", "no_signal_fraction", "GRPOLosses", "grpo_losses", "pass_at_k",
+           "mean_pass_at_k", "GRPOConfig", "GRPOHistory", "train_grpo"]
 
 
 # -----------------------------------------------------------------------------
@@ -1049,6 +1055,180 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     return loss, chosen_rewards.detach(), rejected_rewards.detach()
 
 
+def encode_responses(prompts, responses, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(idx (B, L), mask (B, L))`` from token lists: row ``b`` is ``prompts[b]`` then
+    ``responses[b]``, right-padded with ``pad_id``; ``mask`` is True on the response's tokens
+    only, what :func:`sequence_logprobs` sums. Prompts may differ in length (human pairs)."""
+    if not isinstance(prompts, (list, tuple)) or not isinstance(responses, (list, tuple)) \
+            or not prompts or len(prompts) != len(responses):
+        raise ValueError("prompts and responses must be non-empty lists of token lists, one "
+                         "response per prompt")
+    if not is_int(pad_id) or pad_id < 0:
+        raise ValueError(f"pad_id must be a token id (an int >= 0), got {pad_id!r}")
+    for b, (prompt, response) in enumerate(zip(prompts, responses)):
+        if len(prompt) < 1 or len(response) < 1:
+            raise ValueError(f"row {b} has an empty prompt or response: each needs a token")
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    idx = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for b, (prompt, response) in enumerate(zip(prompts, responses)):
+        idx[b, :len(prompt) + len(response)] = torch.tensor(list(prompt) + list(response))
+        mask[b, len(prompt):len(prompt) + len(response)] = True
+    return idx, mask
+
+
+def best_and_worst(scores: torch.Tensor, group_size: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Preference pairs from groups of samples: ``scores`` (B,) holds ``B / group_size``
+    groups one after the other (samples of one prompt, as :func:`group_advantages` reads
+    them). Returns the rows ``(chosen (n,), rejected (n,))`` of each group's best and worst
+    sample, leaving out groups whose scores are all equal (no preference)."""
+    groups = _check_groups(scores, group_size)
+    best, worst = groups.argmax(dim=1), groups.argmin(dim=1)
+    keep = groups.max(dim=1).values > groups.min(dim=1).values
+    start = torch.arange(len(groups), device=groups.device) * group_size
+    return (start + best)[keep], (start + worst)[keep]
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1                # strength of the implicit KL: the reward is beta * log-ratio
+    lr: float = 5e-5
+    epochs: int = 6                  # passes over the pairs
+    batch_size: int = 32             # pairs per optimizer step
+    grad_clip: float = 1.0           # max gradient norm; 0 turns clipping off
+    threads: int | None = None       # CPU threads; None: runtime.threads_for(model size)
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size"):
+            positive_int(f"DPOConfig.{name}", getattr(self, name))
+        for name in ("beta", "lr"):
+            positive_number(f"DPOConfig.{name}", getattr(self, name))
+        number_in("DPOConfig.grad_clip", self.grad_clip, low=0.0)
+        non_negative_int("DPOConfig.seed", self.seed)
+        if self.threads is not None:
+            positive_int("DPOConfig.threads", self.threads)
+
+
+@dataclass
+class DPOHistory:
+    """One entry per optimizer step, over the step's pairs; rewards are DPO's implicit ones,
+    ``beta * (log pi - log pi_ref)`` of a whole response."""
+
+    loss: list[float] = field(default_factory=list)
+    chosen_reward: list[float] = field(default_factory=list)
+    rejected_reward: list[float] = field(default_factory=list)
+    margin: list[float] = field(default_factory=list)          # chosen minus rejected
+    accuracy: list[float] = field(default_factory=list)        # share with a positive margin
+    seconds: float = 0.0
+    threads: int = 0
+
+
+def _check_pairs(chosen_idx, chosen_mask, rejected_idx, rejected_mask) -> int:
+    for name, idx, mask in (("chosen", chosen_idx, chosen_mask),
+                            ("rejected", rejected_idx, rejected_mask)):
+        token_ids(idx, f"{name}_idx", shape="(pairs, L)")
+        _check_mask(mask, idx.shape)
+        if mask[:, 0].any():
+            raise ValueError(f"{name}_mask[:, 0] must be False: the first token is the prompt's")
+    if len(chosen_idx) != len(rejected_idx) or len(chosen_idx) == 0:
+        raise ValueError(f"chosen and rejected must hold one row per pair, got "
+                         f"{len(chosen_idx)} and {len(rejected_idx)} rows")
+    return len(chosen_idx)
+
+
+def _response_logps(model: GPT, idx: torch.Tensor, mask: torch.Tensor,
+                    batch_size: int = 256) -> torch.Tensor:
+    """(B,): each response's log-probability under ``model``, in batches, without gradients."""
+    device = model_device(model)
+    with torch.no_grad(), eval_mode(model):
+        return torch.cat([sequence_logprobs(model, idx[i:i + batch_size].to(device),
+                                            mask[i:i + batch_size].to(device)).sum(dim=1).cpu()
+                          for i in range(0, len(idx), batch_size)])
+
+
+def _check_policy_and_reference(policy, reference) -> None:
+    for name, model in (("policy", policy), ("reference", reference)):
+        if not isinstance(model, GPT):
+            raise ValueError(f"{name} must be a lessons_lib.model.GPT, got "
+                             f"{type(model).__name__}")
+    if {id(p) for p in reference.parameters()} & {id(p) for p in policy.parameters()}:
+        raise ValueError("policy and reference share weights, so training the policy would move "
+                         "the reference too: train a copy, copy.deepcopy(reference)")
+
+
+def train_dpo(policy: GPT, reference: GPT, chosen_idx: torch.Tensor, chosen_mask: torch.Tensor,
+              rejected_idx: torch.Tensor, rejected_mask: torch.Tensor,
+              config: DPOConfig | None = None) -> DPOHistory:
+    """Optimise ``policy`` in place with :func:`dpo_loss` on fixed preference pairs.
+
+    Row ``i`` of ``chosen_idx`` (pairs, L) and of ``rejected_idx`` (pairs, L') is a prompt and
+    the preferred (resp. the other) response; the masks mark the response tokens (a
+    :class:`Rollout`'s ``response_mask``, or :func:`encode_responses`). The reference's
+    log-probabilities are computed once, before training, without gradients: it never moves.
+    Each epoch visits the pairs in a new random order, ``config.batch_size`` per Adam step.
+    Dropout is off throughout, as in :func:`train_ppo`.
+    """
+    config = config or DPOConfig()
+    _check_policy_and_reference(policy, reference)
+    n_pairs = _check_pairs(chosen_idx, chosen_mask, rejected_idx, rejected_mask)
+    device = model_device(policy)
+    history = DPOHistory(threads=config.threads or threads_for(num_parameters(policy)))
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
+    steps = config.epochs * math.ceil(n_pairs / config.batch_size)
+    bar = tqdm(total=steps, desc="DPO", disable=not config.progress, leave=False,
+               mininterval=1.0)
+    start = time.perf_counter()
+    with eval_mode(policy), use_threads(history.threads):
+        ref_chosen = _response_logps(reference, chosen_idx, chosen_mask)
+        ref_rejected = _response_logps(reference, rejected_idx, rejected_mask)
+        for _ in range(config.epochs):
+            for rows in torch.randperm(n_pairs, generator=generator).split(config.batch_size):
+                policy_chosen = sequence_logprobs(policy, chosen_idx[rows].to(device),
+                                                  chosen_mask[rows].to(device)).sum(dim=1)
+                policy_rejected = sequence_logprobs(policy, rejected_idx[rows].to(device),
+                                                    rejected_mask[rows].to(device)).sum(dim=1)
+                loss, chosen_reward, rejected_reward = dpo_loss(
+                    policy_chosen, policy_rejected, ref_chosen[rows].to(device),
+                    ref_rejected[rows].to(device), config.beta)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
+                optimizer.step()
+                margin = chosen_reward - rejected_reward
+                history.loss.append(loss.item())
+                history.chosen_reward.append(chosen_reward.mean().item())
+                history.rejected_reward.append(rejected_reward.mean().item())
+                history.margin.append(margin.mean().item())
+                history.accuracy.append((margin > 0).float().mean().item())
+                bar.update()
+                bar.set_postfix(loss=f"{history.loss[-1]:.3f}", refresh=False)
+    bar.close()
+    history.seconds = time.perf_counter() - start
+    return history
+
+
+def dpo_implicit_accuracy(policy: GPT, reference: GPT, chosen_idx: torch.Tensor,
+                          chosen_mask: torch.Tensor, rejected_idx: torch.Tensor,
+                          rejected_mask: torch.Tensor) -> float:
+    """The share of pairs whose chosen response gets the higher implicit reward, i.e. the
+    larger log-ratio ``log pi - log pi_ref`` (a tie counts one half; beta does not matter).
+    0.5 for the reference itself: every log-ratio is 0."""
+    if policy is not reference:
+        _check_policy_and_reference(policy, reference)
+    _check_pairs(chosen_idx, chosen_mask, rejected_idx, rejected_mask)
+    with use_threads(threads_for(num_parameters(policy))):
+        chosen = _response_logps(policy, chosen_idx, chosen_mask) \
+            - _response_logps(reference, chosen_idx, chosen_mask)
+        rejected = _response_logps(policy, rejected_idx, rejected_mask) \
+            - _response_logps(reference, rejected_idx, rejected_mask)
+    return pair_accuracy(chosen, rejected)
+
+
 # -----------------------------------------------------------------------------
 # 7. GRPO: advantages from a group of samples per prompt, no value head; pass@k
 
@@ -1166,3 +1346,161 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     for i in range(n - c + 1, n + 1):        # C(n-c, k) / C(n, k) = prod (1 - k / i)
         fail *= 1.0 - k / i
     return 1.0 - fail
+
+
+def mean_pass_at_k(correct: torch.Tensor, k: int) -> float:
+    """pass@k averaged over problems: ``correct`` (problems, n) bool holds ``n`` checked
+    samples per problem; each row gives :func:`pass_at_k` ``(n, correct in the row, k)``."""
+    if not isinstance(correct, torch.Tensor) or correct.dtype != torch.bool or correct.dim() != 2:
+        raise ValueError(f"correct must be a (problems, n) bool tensor, got {_shape(correct)}")
+    n = correct.size(1)
+    return sum(pass_at_k(n, c, k) for c in correct.sum(dim=1).tolist()) / len(correct)
+
+
+@dataclass
+class GRPOConfig:
+    iterations: int = 40
+    prompts_per_iteration: int = 16  # distinct prompts per batch, each sampled group_size times
+    group_size: int = 8              # G: samples per prompt, compared with one another
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    eot_id: int | None = None        # a response ends at its first eot_id (inclusive)
+    kl_coef: float = 0.04            # weight of the k3 KL to the reference (DeepSeekMath's)
+    clip: float = 0.2
+    scale_by_std: bool = True        # False: Dr. GRPO's advantages, not divided by the std
+    aggregation: str = "token"       # "token" or "sequence": see grpo_losses
+    epochs: int = 1                  # passes over each batch of samples
+    minibatches: int = 2             # optimizer steps per pass
+    lr: float = 1e-4
+    grad_clip: float = 1.0           # max gradient norm; 0 turns clipping off
+    threads: int | None = None       # CPU threads; None: runtime.threads_for(model size)
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("iterations", "prompts_per_iteration", "max_new_tokens", "epochs",
+                     "minibatches"):
+            positive_int(f"GRPOConfig.{name}", getattr(self, name))
+        if not (is_int(self.group_size) and self.group_size >= 2):
+            raise ValueError(f"GRPOConfig.group_size must be an int >= 2 (a group compares its "
+                             f"samples), got {self.group_size!r}")
+        for name in ("temperature", "clip", "lr"):
+            positive_number(f"GRPOConfig.{name}", getattr(self, name))
+        for name in ("kl_coef", "grad_clip"):
+            number_in(f"GRPOConfig.{name}", getattr(self, name), low=0.0)
+        if self.aggregation not in ("token", "sequence"):
+            raise ValueError(f'GRPOConfig.aggregation must be "token" or "sequence", got '
+                             f"{self.aggregation!r}")
+        if self.minibatches > self.prompts_per_iteration * self.group_size:
+            raise ValueError(f"GRPOConfig.minibatches={self.minibatches} is more than the "
+                             f"{self.prompts_per_iteration * self.group_size} samples per "
+                             "iteration: a minibatch would be empty")
+        non_negative_int("GRPOConfig.seed", self.seed)
+        if self.threads is not None:
+            positive_int("GRPOConfig.threads", self.threads)
+
+
+@dataclass
+class GRPOHistory:
+    """One entry per iteration, measured on the iteration's samples (before its update)."""
+
+    reward: list[float] = field(default_factory=list)          # mean reward of the samples
+    no_signal: list[float] = field(default_factory=list)       # share of groups all equal
+    kl: list[float] = field(default_factory=list)              # k1, nats per response
+    entropy: list[float] = field(default_factory=list)         # per response token
+    clip_fraction: list[float] = field(default_factory=list)   # mean over the steps
+    response_length: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    threads: int = 0
+
+
+def _rewards_of(reward_fn, batch: Rollout) -> torch.Tensor:
+    with torch.no_grad():
+        rewards = reward_fn(batch)
+    B = batch.sequences.size(0)
+    if not isinstance(rewards, torch.Tensor) or rewards.shape != (B,):
+        raise ValueError(f"reward_fn must return a tensor of shape ({B},), one reward per "
+                         f"sample, got {_shape(rewards)}")
+    return _finite("the rewards of reward_fn", rewards.float().to(batch.logprobs.device))
+
+
+def train_grpo(policy: GPT, reference: GPT, reward_fn, prompts: torch.Tensor,
+               config: GRPOConfig | None = None, callback=None) -> GRPOHistory:
+    """Optimise ``policy`` (a plain GPT: no value head) in place with GRPO.
+
+    Each iteration draws ``config.prompts_per_iteration`` distinct rows of ``prompts`` (N, P),
+    repeats each ``config.group_size`` times, samples responses with :func:`rollout`, and asks
+    ``reward_fn(batch: Rollout) -> (B,)`` for one reward per sample (e.g. 1 for a correct
+    answer). :func:`group_advantages` compares each sample with the others of its prompt;
+    :func:`grpo_losses` turns them into the clipped objective, with ``config.kl_coef`` times
+    the KL to the frozen ``reference``. Dropout is off, so each batch's first ratio is 1.
+
+    ``callback(iteration, policy, history)``, if given, runs after every iteration (1, 2, ...);
+    its time is not counted in ``history.seconds``.
+    """
+    config = config or GRPOConfig()
+    _check_policy_and_reference(policy, reference)
+    if not callable(reward_fn):
+        raise ValueError(f"reward_fn must be callable (Rollout -> (B,) rewards), got "
+                         f"{type(reward_fn).__name__}")
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback must be callable or None, got {type(callback).__name__}")
+    token_ids(prompts, "prompts", shape="(N, P)")
+    if config.prompts_per_iteration > len(prompts):
+        raise ValueError(f"GRPOConfig.prompts_per_iteration={config.prompts_per_iteration} is "
+                         f"more than the {len(prompts)} prompts given")
+    device = model_device(policy)
+    prompts = prompts.to(device)
+    G = config.group_size
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=config.lr)
+    history = GRPOHistory(threads=config.threads or threads_for(num_parameters(policy)))
+    bar = tqdm(range(config.iterations), desc="GRPO", disable=not config.progress, leave=False,
+               mininterval=1.0)
+    start, callback_seconds = time.perf_counter(), 0.0
+    with eval_mode(policy), eval_mode(reference), use_threads(history.threads):
+        for iteration in bar:
+            pick = torch.randperm(len(prompts), generator=generator)[:config.prompts_per_iteration]
+            group_prompts = prompts[pick.to(device)].repeat_interleave(G, dim=0)
+            batch = rollout(policy, group_prompts, config.max_new_tokens, config.temperature,
+                            config.eot_id, generator)
+            rewards = _rewards_of(reward_fn, batch)
+            advantages = group_advantages(rewards, G, config.scale_by_std)
+            mask = batch.response_mask
+            with torch.no_grad():
+                ref_logp = sequence_logprobs(reference, batch.sequences, mask, config.temperature)
+            entropy, clip_fraction, n_steps = 0.0, 0.0, 0
+            for _ in range(config.epochs):
+                order = torch.randperm(len(rewards), generator=generator).to(device)
+                for rows in order.chunk(config.minibatches):
+                    logits = _logits(policy, batch.sequences[rows])
+                    new_logp = logprobs_from_logits(logits, batch.sequences[rows],
+                                                    config.temperature)
+                    losses = grpo_losses(new_logp, batch.logprobs[rows], advantages[rows],
+                                         mask[rows], ref_logp[rows], config.kl_coef,
+                                         config.clip, config.aggregation)
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.loss.backward()
+                    if config.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
+                    optimizer.step()
+                    with torch.no_grad():
+                        token_entropy = entropy_from_logits(logits, config.temperature)
+                        entropy += _masked_mean(token_entropy, mask[rows]).item()
+                    clip_fraction += losses.clip_fraction.item()
+                    n_steps += 1
+            history.reward.append(rewards.mean().item())
+            history.no_signal.append(no_signal_fraction(rewards, G))
+            history.kl.append((batch.logprobs - ref_logp).sum(dim=1).mean().item())
+            history.entropy.append(entropy / n_steps)
+            history.clip_fraction.append(clip_fraction / n_steps)
+            history.response_length.append(mask.sum(dim=1).float().mean().item())
+            bar.set_postfix(reward=f"{history.reward[-1]:.2f}", kl=f"{history.kl[-1]:.2f}",
+                            refresh=False)
+            if callback is not None:
+                callback_start = time.perf_counter()
+                callback(iteration + 1, policy, history)
+                callback_seconds += time.perf_counter() - callback_start
+    bar.close()
+    history.seconds = time.perf_counter() - start - callback_seconds
+    return history

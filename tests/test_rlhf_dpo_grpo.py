@@ -1,6 +1,8 @@
 """lessons_lib.rlhf sections 6-7: DPO's loss, GRPO's advantages and objective, pass@k, against
 hand derivations, direct loops and brute force written here."""
 
+import copy
+import dataclasses
 import itertools
 import math
 
@@ -8,8 +10,10 @@ import pytest
 import torch
 
 from lessons_lib.model import GPT, GPTConfig
-from lessons_lib.rlhf import (dpo_loss, grpo_losses, group_advantages, no_signal_fraction,
-                              pass_at_k, sequence_logprobs)
+from lessons_lib.rlhf import (DPOConfig, GRPOConfig, PolicyWithValue, best_and_worst,
+                              dpo_implicit_accuracy, dpo_loss, encode_responses, grpo_losses,
+                              group_advantages, mean_pass_at_k, no_signal_fraction, pass_at_k,
+                              sequence_logprobs, train_dpo, train_grpo)
 
 
 def logps(*values):
@@ -224,3 +228,142 @@ def test_pass_at_k_large_n_and_bad_input():
         pass_at_k(4, 5, 1)
     with pytest.raises(ValueError, match="must be an int"):
         pass_at_k(4.0, 1, 1)
+
+
+# -- the DPO trainer ----------------------------------------------------------
+
+def tiny_gpt(seed=0, vocab_size=11):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=vocab_size, block_size=12, n_layer=1, n_head=2, n_embd=16,
+                         dropout=0.0))
+
+
+def random_pairs(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(11, (n, 3), generator=g).tolist()
+    chosen = torch.randint(11, (n, 4), generator=g).tolist()
+    rejected = torch.randint(11, (n, 3), generator=g).tolist()
+    return (*encode_responses(prompts, chosen, pad_id=0),
+            *encode_responses(prompts, rejected, pad_id=0))
+
+
+def test_encode_responses_pads_and_masks_the_response_only():
+    idx, mask = encode_responses([[1, 2], [3]], [[4], [5, 6, 7]], pad_id=9)
+    assert idx.tolist() == [[1, 2, 4, 9], [3, 5, 6, 7]]
+    assert mask.tolist() == [[False, False, True, False], [False, True, True, True]]
+    with pytest.raises(ValueError, match="empty prompt or response"):
+        encode_responses([[1]], [[]], pad_id=0)
+    with pytest.raises(ValueError, match="one response per prompt"):
+        encode_responses([[1], [2]], [[3]], pad_id=0)
+
+
+def test_best_and_worst_pairs_each_groups_extremes():
+    scores = torch.tensor([0.1, 0.9, 0.5, 2.0, 2.0, 2.0, -1.0, 3.0, 0.0])
+    chosen, rejected = best_and_worst(scores, 3)
+    assert chosen.tolist() == [1, 7] and rejected.tolist() == [0, 6]     # group 2: a tie
+
+
+def test_train_dpo_learns_the_preferences_and_leaves_the_reference_alone():
+    reference = tiny_gpt()
+    policy = copy.deepcopy(reference)
+    pairs = random_pairs()
+    ref_weights = {k: v.clone() for k, v in reference.state_dict().items()}
+    assert dpo_implicit_accuracy(reference, reference, *pairs) == 0.5   # every log-ratio 0
+    history = train_dpo(policy, reference, *pairs,
+                        DPOConfig(beta=0.5, lr=1e-2, epochs=20, batch_size=8, progress=False))
+    assert history.loss[0] == pytest.approx(math.log(2), abs=1e-5)       # policy = reference
+    assert history.margin[0] == pytest.approx(0.0, abs=1e-5)
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in ref_weights.items())
+    assert dpo_implicit_accuracy(policy, reference, *pairs) == 1.0
+    assert history.loss[-1] < 0.3 and min(history.margin[-2:]) > 1.0
+    assert len(history.loss) == 20 and history.seconds > 0
+
+
+def test_train_dpo_rejects_bad_input():
+    reference = tiny_gpt()
+    pairs = random_pairs()
+    with pytest.raises(ValueError, match="share weights"):
+        train_dpo(reference, reference, *pairs, DPOConfig(progress=False))
+    with pytest.raises(ValueError, match="one row per pair"):
+        train_dpo(copy.deepcopy(reference), reference, *pairs[:2], pairs[2][:3], pairs[3][:3])
+    bad_mask = pairs[1].clone()
+    bad_mask[:, 0] = True
+    with pytest.raises(ValueError, match="first token"):
+        train_dpo(copy.deepcopy(reference), reference, pairs[0], bad_mask, *pairs[2:])
+    with pytest.raises(ValueError, match="DPOConfig.beta"):
+        DPOConfig(beta=0.0)
+    with pytest.raises(ValueError, match="GPT"):
+        dpo_implicit_accuracy(PolicyWithValue(copy.deepcopy(reference)), reference, *pairs)
+
+
+# -- the GRPO trainer ---------------------------------------------------------
+
+TARGET = 3
+
+
+def first_token_reward(batch):
+    """1 when the response starts with TARGET: a reward a program can check."""
+    return (batch.sequences[:, batch.prompt_length] == TARGET).float()
+
+
+def grpo_setup(**overrides):
+    reference = tiny_gpt(seed=1, vocab_size=8)
+    prompts = torch.randint(8, (16, 2), generator=torch.Generator().manual_seed(0))
+    settings = dict(iterations=12, prompts_per_iteration=8, group_size=8, max_new_tokens=2,
+                    lr=1e-2, kl_coef=0.0, progress=False)
+    settings.update(overrides)
+    return copy.deepcopy(reference), reference, prompts, GRPOConfig(**settings)
+
+
+def test_train_grpo_raises_a_verifiable_reward():
+    policy, reference, prompts, config = grpo_setup()
+    seen = []
+    history = train_grpo(policy, reference, first_token_reward, prompts, config,
+                         callback=lambda i, p, h: seen.append(i))
+    assert seen == list(range(1, 13)) and len(history.reward) == 12
+    assert history.kl[0] == pytest.approx(0.0, abs=1e-5)              # policy = reference
+    start, end = sum(history.reward[:2]) / 2, sum(history.reward[-2:]) / 2
+    assert start < 0.4 and end > start + 0.4                               # chance is 1/8
+    assert history.kl[-1] > 0.1 and history.entropy[-1] < history.entropy[0]
+    assert all(0.0 <= f <= 1.0 for f in history.no_signal)
+
+
+def test_train_grpo_kl_term_holds_the_policy_nearer_the_reference():
+    free = train_grpo(*grpo_setup()[:2], first_token_reward, grpo_setup()[2], grpo_setup()[3])
+    policy, reference, prompts, config = grpo_setup(kl_coef=1.0)
+    held = train_grpo(policy, reference, first_token_reward, prompts, config)
+    assert held.kl[-1] < free.kl[-1]
+
+
+def test_train_grpo_one_step_per_batch_never_clips():
+    # the batch's own samples: every ratio is exactly 1, whatever the learning rate
+    policy, reference, prompts, config = grpo_setup(minibatches=1, lr=5e-2)
+    history = train_grpo(policy, reference, first_token_reward, prompts, config)
+    assert history.clip_fraction == [0.0] * config.iterations
+
+
+def test_train_grpo_rejects_bad_input():
+    policy, reference, prompts, config = grpo_setup(iterations=1)
+    with pytest.raises(ValueError, match="plain|GPT"):
+        train_grpo(PolicyWithValue(policy), reference, first_token_reward, prompts, config)
+    with pytest.raises(ValueError, match="share weights"):
+        train_grpo(reference, reference, first_token_reward, prompts, config)
+    with pytest.raises(ValueError, match="shape \\(64,\\)"):
+        train_grpo(policy, reference, lambda b: torch.zeros(3), prompts, config)
+    with pytest.raises(ValueError, match="more than the 16 prompts"):
+        train_grpo(policy, reference, first_token_reward, prompts,
+                   dataclasses.replace(config, prompts_per_iteration=17))
+    with pytest.raises(ValueError, match="token ids"):
+        train_grpo(policy, reference, first_token_reward, prompts.float(), config)
+    with pytest.raises(ValueError, match="group_size"):
+        GRPOConfig(group_size=1)
+    with pytest.raises(ValueError, match="aggregation"):
+        GRPOConfig(aggregation="mean")
+
+
+def test_mean_pass_at_k_averages_over_problems():
+    correct = torch.tensor([[True, False, False, False], [False, False, False, False]])
+    assert mean_pass_at_k(correct, 1) == pytest.approx(0.125)
+    assert mean_pass_at_k(correct, 4) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="bool"):
+        mean_pass_at_k(correct.float(), 1)
