@@ -821,9 +821,11 @@ def ppo_step(policy: PolicyWithValue, optimizer: torch.optim.Optimizer, batch: R
     return {name: total / n_steps for name, total in totals.items()}
 
 
-def _scores(reward_fn, batch: Rollout) -> torch.Tensor:
+def _scores(reward_fn, batch: Rollout, *args) -> torch.Tensor:
+    """``reward_fn(*args)`` (by default ``(sequences, lengths)``), checked: one finite score
+    per sequence of ``batch``, on its device."""
     with torch.no_grad():
-        scores = reward_fn(batch.sequences, batch.lengths)
+        scores = reward_fn(*(args or (batch.sequences, batch.lengths)))
     B = batch.sequences.size(0)
     if not isinstance(scores, torch.Tensor) or scores.shape != (B,):
         raise ValueError(f"reward_fn must return a tensor of shape ({B},), one score per "
@@ -1414,16 +1416,6 @@ class GRPOHistory:
     threads: int = 0
 
 
-def _rewards_of(reward_fn, batch: Rollout) -> torch.Tensor:
-    with torch.no_grad():
-        rewards = reward_fn(batch)
-    B = batch.sequences.size(0)
-    if not isinstance(rewards, torch.Tensor) or rewards.shape != (B,):
-        raise ValueError(f"reward_fn must return a tensor of shape ({B},), one reward per "
-                         f"sample, got {_shape(rewards)}")
-    return _finite("the rewards of reward_fn", rewards.float().to(batch.logprobs.device))
-
-
 def train_grpo(policy: GPT, reference: GPT, reward_fn, prompts: torch.Tensor,
                config: GRPOConfig | None = None, callback=None) -> GRPOHistory:
     """Optimise ``policy`` (a plain GPT: no value head) in place with GRPO.
@@ -1464,7 +1456,7 @@ def train_grpo(policy: GPT, reference: GPT, reward_fn, prompts: torch.Tensor,
             group_prompts = prompts[pick.to(device)].repeat_interleave(G, dim=0)
             batch = rollout(policy, group_prompts, config.max_new_tokens, config.temperature,
                             config.eot_id, generator)
-            rewards = _rewards_of(reward_fn, batch)
+            rewards = _scores(reward_fn, batch, batch)
             advantages = group_advantages(rewards, G, config.scale_by_std)
             mask = batch.response_mask
             with torch.no_grad():
