@@ -833,6 +833,18 @@ def _scores(reward_fn, batch: Rollout, *args) -> torch.Tensor:
     return _finite("the scores of reward_fn", scores.float().to(batch.logprobs.device))
 
 
+def _end_iteration(bar, history, callback, iteration: int, policy) -> float:
+    """Show the iteration's reward and KL on the progress bar and run ``callback``; returns the
+    seconds the callback took (the trainers leave them out of ``history.seconds``)."""
+    bar.set_postfix(reward=f"{history.reward[-1]:.2f}", kl=f"{history.kl[-1]:.2f}",
+                    refresh=False)
+    if callback is None:
+        return 0.0
+    start = time.perf_counter()
+    callback(iteration, policy, history)
+    return time.perf_counter() - start
+
+
 def train_ppo(policy: PolicyWithValue, reference: GPT, reward_fn, prompts: torch.Tensor,
               config: PPOConfig | None = None, callback=None) -> PPOHistory:
     """Optimise ``policy`` in place with PPO against ``reward_fn``, kept near ``reference``.
@@ -880,12 +892,7 @@ def train_ppo(policy: PolicyWithValue, reference: GPT, reward_fn, prompts: torch
                                       config.gamma, config.lam)
             stats = ppo_step(policy, optimizer, batch, advantages, returns, config, generator)
             _log(history, stats, scores, kl, batch)
-            bar.set_postfix(reward=f"{history.reward[-1]:.2f}", kl=f"{history.kl[-1]:.2f}",
-                            refresh=False)
-            if callback is not None:
-                callback_start = time.perf_counter()
-                callback(iteration + 1, policy, history)
-                callback_seconds += time.perf_counter() - callback_start
+            callback_seconds += _end_iteration(bar, history, callback, iteration + 1, policy)
     bar.close()
     history.seconds = time.perf_counter() - start - callback_seconds
     return history
@@ -1487,12 +1494,7 @@ def train_grpo(policy: GPT, reference: GPT, reward_fn, prompts: torch.Tensor,
             history.entropy.append(entropy / n_steps)
             history.clip_fraction.append(clip_fraction / n_steps)
             history.response_length.append(mask.sum(dim=1).float().mean().item())
-            bar.set_postfix(reward=f"{history.reward[-1]:.2f}", kl=f"{history.kl[-1]:.2f}",
-                            refresh=False)
-            if callback is not None:
-                callback_start = time.perf_counter()
-                callback(iteration + 1, policy, history)
-                callback_seconds += time.perf_counter() - callback_start
+            callback_seconds += _end_iteration(bar, history, callback, iteration + 1, policy)
     bar.close()
     history.seconds = time.perf_counter() - start - callback_seconds
     return history
