@@ -8,9 +8,15 @@ Read top to bottom:
 2. :func:`causal_mask` -- the lower-triangular mask that stops a position from seeing the future.
 3. :func:`split_heads` / :func:`merge_heads` -- the reshapes that turn one wide attention into
    ``n_heads`` narrow ones and back.
-4. :class:`MultiHeadAttention` -- one fused q|k|v projection (``c_attn``, the layout GPT-2's
+4. Positions inside the attention: rotary embeddings (RoPE, Su et al. 2021) --
+   :func:`rope_tables` (the cos/sin tables, Hugging Face's ``rotate_half`` layout),
+   :func:`rotate_half` and :func:`apply_rope` (the rotation of q or k) -- and ALiBi (Press et
+   al. 2022) -- :func:`alibi_slopes` (one slope per head) and :func:`alibi_bias` (the linear
+   penalty added to the scores).
+5. :class:`MultiHeadAttention` -- one fused q|k|v projection (``c_attn``, the layout GPT-2's
    weights use), attention per head, and an output projection (``c_proj``). Without weights
    requested it calls PyTorch's fused kernel; with them it runs the explicit function above.
+   ``positions="rope"`` or ``"alibi"`` adds one of the two schemes of step 4.
    :meth:`MultiHeadAttention.from_torch` copies the weights of a ``torch.nn.MultiheadAttention``
    so the two can be compared.
 """
@@ -30,6 +36,11 @@ __all__ = [
     "causal_mask",
     "split_heads",
     "merge_heads",
+    "rope_tables",
+    "rotate_half",
+    "apply_rope",
+    "alibi_slopes",
+    "alibi_bias",
     "MultiHeadAttention",
 ]
 
@@ -64,7 +75,8 @@ def _check_mask(mask: torch.Tensor, scores_shape: torch.Size) -> None:
 # 1. scaled dot-product attention
 
 def attention_with_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                 mask: torch.Tensor | None = None
+                                 mask: torch.Tensor | None = None,
+                                 bias: torch.Tensor | None = None
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T / sqrt(d_k)) v, returning ``(output, weights)``.
 
@@ -75,6 +87,8 @@ def attention_with_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Shapes: ``q`` (..., T_q, d_k), ``k`` (..., T_k, d_k), ``v`` (..., T_k, d_v), with any
     number of leading batch dimensions (they broadcast). ``mask`` is an optional bool tensor
     that broadcasts against (..., T_q, T_k); True where a query may attend to a key.
+    ``bias`` is an optional float tensor, broadcasting the same way, added to the scores
+    before the mask and the softmax (ALiBi's penalty, :func:`alibi_bias`).
     Returns ``output`` (..., T_q, d_v) and ``weights`` (..., T_q, T_k), whose rows sum to 1.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -102,6 +116,18 @@ def attention_with_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     d_k = q.shape[-1]
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(d_k)            # (..., T_q, T_k)
     scores = scores.expand(*lead, *scores.shape[-2:])
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+            raise ValueError(f"bias must be a floating-point tensor, got "
+                             f"{getattr(bias, 'dtype', type(bias).__name__)}")
+        try:
+            ok = torch.broadcast_shapes(bias.shape, scores.shape) == scores.shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"bias of shape {tuple(bias.shape)} does not broadcast against the "
+                             f"attention scores of shape {tuple(scores.shape)} (..., T_q, T_k)")
+        scores = scores + bias.to(scores.dtype)
     if mask is not None:
         _check_mask(mask, scores.shape)
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -148,17 +174,116 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 # -----------------------------------------------------------------------------
-# 4. the multi-head module
+# 4. positions inside the attention: RoPE and ALiBi
+
+def rope_tables(T: int, head_dim: int, start: int = 0, base: float = 10000.0,
+                device: torch.device | str | None = None,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary tables ``(cos, sin)``, each (T, head_dim), for positions ``start .. start+T-1``.
+
+    Feature pair i of a head -- features ``i`` and ``i + head_dim/2`` in Hugging Face's
+    ``rotate_half`` layout (Llama, Mistral, ...) -- turns by the angle ``pos * base^(-2i/head_dim)``:
+    fast turns in the first features, slow ones in the last. Both halves of a row hold the same
+    angles, so ``cos[pos] = cat(cos(angles), cos(angles))``. ``head_dim`` must be even.
+    """
+    positive_int("T", T)
+    positive_int("head_dim", head_dim)
+    if head_dim % 2:
+        raise ValueError(f"head_dim must be even (RoPE turns pairs of features), got {head_dim}")
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"start must be an int >= 0, got {start!r}")
+    if not base > 0:
+        raise ValueError(f"base must be positive, got {base}")
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
+                               / head_dim))                               # (head_dim/2,)
+    pos = torch.arange(start, start + T, device=device, dtype=torch.float32)
+    angles = torch.outer(pos, inv_freq)                                   # (T, head_dim/2)
+    angles = torch.cat((angles, angles), dim=-1)                          # (T, head_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last axis: a quarter turn of every pair
+    (x[i], x[i + d/2])."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] % 2:
+        raise ValueError(f"x must be a tensor whose last axis is even, got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate every feature pair of ``x`` (..., T, head_dim) by its position's angle:
+    ``x * cos + rotate_half(x) * sin``, with the tables of :func:`rope_tables` (T, head_dim).
+
+    Applied to both q and k, the score q_m . k_n then depends on the positions only through
+    m - n: the rotations of the two cancel up to the one by the distance."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise ValueError(f"x must be a tensor (..., T, head_dim), got {getattr(x, 'shape', type(x).__name__)}")
+    if cos.shape != sin.shape or cos.shape != x.shape[-2:]:
+        raise ValueError(f"cos and sin must both have shape (T, head_dim) = {tuple(x.shape[-2:])}, "
+                         f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    return x * cos + rotate_half(x) * sin
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al. 2022), a float32 tensor (n_heads,).
+
+    For a power of two n, the geometric sequence 2^(-8/n), 2^(-16/n), ..., 2^(-8): head 0
+    forgets fastest, the last head looks furthest back. Otherwise the slopes of the largest
+    power of two below n, then every other slope of twice that many (the paper's code)."""
+    positive_int("n_heads", n_heads)
+
+    def power_of_two(n):
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+
+    if n_heads & (n_heads - 1) == 0:
+        slopes = power_of_two(n_heads)
+    else:
+        closest = 2 ** int(math.floor(math.log2(n_heads)))
+        slopes = power_of_two(closest) + power_of_two(2 * closest)[0::2][:n_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(n_heads: int, T_q: int, T_k: int | None = None, start: int | None = None,
+               device: torch.device | str | None = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """ALiBi's additive bias (n_heads, T_q, T_k): ``-slope_h * (i - j)`` for a query at
+    position i and a key at position j, so a key d positions back costs ``slope_h * d``.
+
+    Queries sit at positions ``start .. start+T_q-1`` and keys at ``0 .. T_k-1`` (with a cache,
+    ``start`` is how many positions it held before; by default ``start = T_k - T_q``, the last
+    T_q positions). Future keys (j > i) get a positive bias: the causal mask must remove them."""
+    positive_int("n_heads", n_heads)
+    positive_int("T_q", T_q)
+    T_k = T_q if T_k is None else positive_int("T_k", T_k)
+    start = T_k - T_q if start is None else start
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"start must be an int >= 0 (and T_k >= T_q by default), got {start!r}")
+    q_pos = torch.arange(start, start + T_q, device=device, dtype=torch.float32)
+    k_pos = torch.arange(T_k, device=device, dtype=torch.float32)
+    distance = q_pos[:, None] - k_pos[None, :]                               # (T_q, T_k)
+    slopes = alibi_slopes(n_heads).to(device)
+    return (-slopes[:, None, None] * distance).to(dtype)
+
+
+# -----------------------------------------------------------------------------
+# 5. the multi-head module
 
 class MultiHeadAttention(nn.Module):
     """Multi-head self-attention on (batch, T, d_model).
 
     ``c_attn`` is one Linear(d_model, 3*d_model) whose outputs are q | k | v (GPT-2's layout);
     ``c_proj`` is the output projection W^O. With ``causal=True`` position t sees only 0..t.
+
+    ``positions``: None (the default: the attention itself knows no order; a GPT adds positions
+    to its embeddings), ``"rope"`` (q and k rotated by :func:`apply_rope`, ``rope_base`` the
+    base of its angles) or ``"alibi"`` (:func:`alibi_bias` added to the scores). Neither adds a
+    parameter. With a cache, the positions continue at the cache's start.
     """
 
     def __init__(self, d_model: int, n_heads: int, bias: bool = True, causal: bool = False,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, positions: str | None = None, rope_base: float = 10000.0):
         super().__init__()
         positive_int("d_model", d_model)
         positive_int("n_heads", n_heads)
@@ -166,15 +291,25 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if positions not in (None, "rope", "alibi"):
+            raise ValueError(f"positions must be None, 'rope' or 'alibi', got {positions!r}")
+        if positions == "rope" and (d_model // n_heads) % 2:
+            raise ValueError(f"RoPE turns pairs of features: head_dim = d_model // n_heads = "
+                             f"{d_model // n_heads} must be even")
+        if not (isinstance(rope_base, (int, float)) and not isinstance(rope_base, bool)
+                and rope_base > 0):
+            raise ValueError(f"rope_base must be a positive number, got {rope_base!r}")
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
         self.causal, self.dropout = causal, dropout
+        self.positions, self.rope_base = positions, float(rope_base)
         self.c_attn = nn.Linear(d_model, 3 * d_model, bias=bias)   # W^Q | W^K | W^V, all heads
         self.c_proj = nn.Linear(d_model, d_model, bias=bias)       # W^O
         self.attn_dropout = nn.Dropout(dropout)
         self.resid_dropout = nn.Dropout(dropout)
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, n_heads={self.n_heads}, causal={self.causal}"
+        extra = f", positions={self.positions!r}" if self.positions else ""
+        return f"d_model={self.d_model}, n_heads={self.n_heads}, causal={self.causal}{extra}"
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 return_weights: bool = False, kv: tuple | None = None):
@@ -196,6 +331,11 @@ class MultiHeadAttention(nn.Module):
         # the axes to (3, B, h, T, hd): the same as split_heads on each third, in fewer steps
         qkv = self.c_attn(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)                                          # each (B, h, T, hd)
+        start = kv[2] if kv is not None else 0          # where these positions begin
+        if self.positions == "rope":                    # turn q and k by their positions
+            cos, sin = rope_tables(T, self.head_dim, start, self.rope_base,
+                                   device=x.device, dtype=q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if kv is not None:
             if mask is not None or return_weights or not self.causal:
@@ -206,7 +346,9 @@ class MultiHeadAttention(nn.Module):
         scores_shape = torch.Size((B, self.n_heads, T, T))
         if mask is not None:
             _check_mask(mask, scores_shape)                  # the caller's mask, as given
-        fused_causal = self.causal and mask is None and not return_weights
+        bias = (alibi_bias(self.n_heads, T, device=x.device, dtype=q.dtype)
+                if self.positions == "alibi" else None)      # (h, T, T)
+        fused_causal = self.causal and mask is None and not return_weights and bias is None
         if self.causal and not fused_causal:
             causal = causal_mask(T, device=x.device)
             if mask is None:
@@ -216,7 +358,7 @@ class MultiHeadAttention(nn.Module):
                 _check_mask(mask, scores_shape)
 
         if return_weights:   # the explicit path: we need the weights to look at them
-            y, weights = attention_with_weights(q, k, v, mask)
+            y, weights = attention_with_weights(q, k, v, mask, bias=bias)
             if self.training and self.dropout > 0:   # dropout acts on the weights, not on y
                 y = self.attn_dropout(weights) @ v
         else:                # the fused path: same numbers, one PyTorch kernel
@@ -224,6 +366,8 @@ class MultiHeadAttention(nn.Module):
             if fused_causal:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
             else:
+                if bias is not None:                     # one float mask: bias, -inf where masked
+                    mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
             weights = None
 
@@ -235,8 +379,7 @@ class MultiHeadAttention(nn.Module):
         y = self.c_proj(merge_heads(y))
         return self.resid_dropout(y) if self.training else y
 
-    @staticmethod
-    def _attend_with_cache(q, k, v, kv):
+    def _attend_with_cache(self, q, k, v, kv):
         """Write this step's keys and values into the cache, then attend over all of it."""
         k_buf, v_buf, start = kv
         if k_buf.shape[0] != q.shape[0]:
@@ -248,6 +391,12 @@ class MultiHeadAttention(nn.Module):
         k_buf[:, :, start:end] = k
         v_buf[:, :, start:end] = v
         k, v = k_buf[:, :, :end], v_buf[:, :, :end]
+        if self.positions == "alibi":    # queries at start..end-1, keys at 0..end-1
+            bias = alibi_bias(self.n_heads, T, end, start=start, device=q.device, dtype=q.dtype)
+            if T > 1:
+                allowed = torch.ones(T, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
+                bias = bias.masked_fill(~allowed, float("-inf"))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         if T == 1:                       # one new token may see every cached position
             return F.scaled_dot_product_attention(q, k, v)
         if start == 0:                   # a prompt on an empty cache: plain causal attention

@@ -1,7 +1,8 @@
 """The pieces of a GPT, read top to bottom (in the spirit of nanoGPT's model.py).
 
 1. Position encodings: :func:`sinusoidal_positions` (the fixed sin/cos table of
-   "Attention Is All You Need") and :class:`LearnedPositions` (GPT-2's learned table).
+   "Attention Is All You Need") and :class:`LearnedPositions` (GPT-2's learned table). Two
+   more schemes live inside the attention (lessons_lib.attention): RoPE and ALiBi.
 2. :class:`MLP` -- Linear(d, 4d) -> GELU -> Linear(4d, d) -> dropout.
 3. :class:`Block` -- the pre-LayerNorm Transformer block:
    ``x = x + attn(ln_1(x))`` then ``x = x + mlp(ln_2(x))``.
@@ -127,16 +128,19 @@ class Block(nn.Module):
 
     ``causal=True`` (the default, a decoder such as GPT) lets position t see
     only 0..t; ``causal=False`` gives an encoder block that sees everything.
+    ``positions`` ("rope", "alibi" or None) goes to the attention.
     """
 
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0,
-                 bias: bool = True, causal: bool = True):
+                 bias: bool = True, causal: bool = True,
+                 positions: str | None = None):
         super().__init__()
         positive_int("n_embd", n_embd)
         positive_int("n_head", n_head)
         self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
         self.attn = MultiHeadAttention(n_embd, n_head, bias=bias,
-                                       causal=causal, dropout=dropout)
+                                       causal=causal, dropout=dropout,
+                                       positions=positions)
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, dropout=dropout, bias=bias)
 
@@ -165,6 +169,8 @@ class Block(nn.Module):
 # -----------------------------------------------------------------------------
 # 4. the GPT: token and position embeddings, a stack of blocks, a final LayerNorm, the head
 
+POSITION_SCHEMES = ("learned", "sinusoidal", "none", "rope", "alibi")
+
 @dataclass
 class GPTConfig:
     """The sizes of a decoder-only GPT. The defaults are GPT-2 small (124M parameters)."""
@@ -177,7 +183,10 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True               # biases in Linear layers and LayerNorms, as in GPT-2
     tie_weights: bool = True        # the output head reuses the token embedding matrix
-    positions: str = "learned"      # "learned" (GPT-2's wpe) or "sinusoidal" (fixed)
+    # where the order of the tokens comes from: "learned" (GPT-2's wpe) or "sinusoidal"
+    # (a fixed table) added to the embeddings; "rope" or "alibi" inside the attention;
+    # "none" (only the causal mask tells positions apart)
+    positions: str = "learned"
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -187,8 +196,12 @@ class GPTConfig:
                              f"n_head={self.n_head}: each head gets n_embd // n_head features")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.positions not in ("learned", "sinusoidal"):
-            raise ValueError(f"GPTConfig.positions must be 'learned' or 'sinusoidal', got {self.positions!r}")
+        if self.positions not in POSITION_SCHEMES:
+            raise ValueError(f"GPTConfig.positions must be one of {POSITION_SCHEMES}, "
+                             f"got {self.positions!r}")
+        if self.positions == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"GPTConfig.positions='rope' turns pairs of features: the head "
+                             f"size n_embd // n_head = {self.n_embd // self.n_head} must be even")
 
     @classmethod
     def gpt1(cls) -> "GPTConfig":
@@ -320,12 +333,15 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         if config.positions == "learned":
             self.wpe = LearnedPositions(config.block_size, config.n_embd)
-        else:
+        elif config.positions == "sinusoidal":
             table = sinusoidal_positions(config.block_size, config.n_embd)
             self.register_buffer("sinusoid", table, persistent=False)
+        # "rope" and "alibi" act inside every attention; "none" adds nothing anywhere
+        in_attention = config.positions if config.positions in ("rope", "alibi") else None
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(
-            [Block(config.n_embd, config.n_head, config.dropout, config.bias)
+            [Block(config.n_embd, config.n_head, config.dropout, config.bias,
+                   positions=in_attention)
              for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -380,11 +396,11 @@ class GPT(nn.Module):
         token_ids(idx, "idx", vocab_size=self.config.vocab_size)
         idx = idx.long()             # any integer dtype; Embedding wants int64
 
+        x = self.wte(idx)
         if self.config.positions == "learned":
-            pos = self.wpe(T, start=start)
-        else:
-            pos = self.sinusoid[start:start + T]
-        x = self.wte(idx) + pos
+            x = x + self.wpe(T, start=start)
+        elif self.config.positions == "sinusoidal":
+            x = x + self.sinusoid[start:start + T]
         if self.training:
             x = self.drop(x)
         for i, block in enumerate(self.h):
