@@ -333,8 +333,7 @@ class MultiHeadAttention(nn.Module):
         q, k, v = qkv.unbind(0)                                          # each (B, h, T, hd)
         start = kv[2] if kv is not None else 0          # where these positions begin
         if self.positions == "rope":                    # turn q and k by their positions
-            cos, sin = rope_tables(T, self.head_dim, start, self.rope_base,
-                                   device=x.device, dtype=q.dtype)
+            cos, sin = self._rope(T, start, q)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if kv is not None:
@@ -373,6 +372,16 @@ class MultiHeadAttention(nn.Module):
 
         y = self._project_out(y)                                          # (B, T, C)
         return (y, weights) if return_weights else y
+
+    def _rope(self, T: int, start: int, like: torch.Tensor):
+        """RoPE's tables for positions start..start+T-1, kept while the same ones come back
+        (every training step asks for the same T): a cache, not state."""
+        key = (T, start, like.device, like.dtype)
+        if getattr(self, "_rope_key", None) != key:
+            self._rope_tables = rope_tables(T, self.head_dim, start, self.rope_base,
+                                            device=like.device, dtype=like.dtype)
+            self._rope_key = key
+        return self._rope_tables
 
     def _project_out(self, y: torch.Tensor) -> torch.Tensor:
         """Heads merged back, W^O, and dropout (in training only: a no-op costs a call too)."""
