@@ -30,8 +30,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import MultiHeadAttention
-from .checks import positive_int, token_ids
+from .checks import eval_mode, positive_int, token_ids
 from .model import LearnedPositions, next_token_loss
+from .runtime import model_device
 
 __all__ = [
     "RepeatedSpans", "repeated_spans", "PARITY_EQUALS", "PARITY_PAD", "parity_sequences",
@@ -168,11 +169,14 @@ def parity_sequences(bits: torch.Tensor, lengths: torch.Tensor, scratchpad: bool
 
 @dataclass
 class KeyValuePrompts:
-    """A batch of :func:`key_value_prompts`: ``inputs``/``targets`` (batch, 2k + 2), and
-    ``key_in_context`` (batch,) True where the query's key is among the k pairs."""
+    """A batch of :func:`key_value_prompts`: ``inputs``/``targets`` (batch, 2k + 2),
+    ``key_in_context`` (batch,) True where the query's key is among the k pairs, and
+    ``predictable`` (batch, 2k + 2) True at the targets the context determines: a value whose
+    key was shown earlier in the sequence, and the answer when its key is in context."""
     inputs: torch.Tensor
     targets: torch.Tensor
     key_in_context: torch.Tensor
+    predictable: torch.Tensor
 
 
 def key_value_prompts(batch_size: int, k: int, n_keys: int, n_values: int,
@@ -213,7 +217,13 @@ def key_value_prompts(batch_size: int, k: int, n_keys: int, n_values: int,
     is_value[:, 0:2 * k:2] = True            # target at position 2i is the value of pair i
     is_value[:, -1] = True                   # the answer
     targets = torch.where(is_value, targets, torch.full_like(targets, -100))
-    return KeyValuePrompts(inputs, targets, shown.gather(1, query[:, None])[:, 0])
+    in_context = shown.gather(1, query[:, None])[:, 0]
+    # pair i's value is determined when its key appeared in an earlier pair
+    seen_before = (keys[:, :, None] == keys[:, None, :]).tril(diagonal=-1).any(dim=2)
+    predictable = torch.zeros_like(is_value)
+    predictable[:, 0:2 * k:2] = seen_before
+    predictable[:, -1] = in_context
+    return KeyValuePrompts(inputs, targets, in_context, predictable)
 
 
 # -----------------------------------------------------------------------------
@@ -304,6 +314,7 @@ def attention_to(weights: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     token_ids(key, "key", ndim=2, shape="(batch, T)")
     if tuple(key.shape) != (B, T):
         raise ValueError(f"key must have shape (batch, T) = {(B, T)}, got {tuple(key.shape)}")
+    key = key.to(weights.device)
     counted = key >= 0
     if not bool(counted.any()):
         raise ValueError("key marks no query to count (all entries are -1)")
@@ -400,12 +411,9 @@ def token_and_exact_match(logits: torch.Tensor, targets: torch.Tensor
 @torch.no_grad()
 def repeat_loss(model: nn.Module, batch: RepeatedSpans) -> float:
     """The model's mean next-token loss over the copyable positions of ``batch`` (its
-    ``repeat_mask``), in eval mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        logits = model(batch.inputs)[0]
-    finally:
-        model.train(was_training)
+    ``repeat_mask``), in eval mode (restored after), on the model's device."""
+    device = model_device(model)
+    with eval_mode(model):
+        logits = model(batch.inputs.to(device))[0]
     targets = torch.where(batch.repeat_mask, batch.targets, torch.full_like(batch.targets, -100))
-    return next_token_loss(logits, targets).item()
+    return next_token_loss(logits, targets.to(device)).item()

@@ -132,6 +132,12 @@ def test_key_value_prompts_follow_one_mapping_per_sequence():
             want[2 * j] = s[2 * j + 1]
         want[-1] = answer
         assert b.targets[i].tolist() == want
+        keys = s[0:2 * k:2]
+        determined = [False] * (2 * k + 2)
+        for j in range(k):
+            determined[2 * j] = keys[j] in keys[:j]
+        determined[-1] = query in seen
+        assert b.predictable[i].tolist() == determined
     assert 0.3 < b.key_in_context.float().mean() < 0.7
 
 
