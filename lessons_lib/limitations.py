@@ -103,7 +103,7 @@ def note_text(name: str, city: str) -> str:
 
 
 def facts_batch_fn(world: FactsWorld, tokenizer, batch_size: int = 64, p_note: float = 0.25,
-                   block_size: int = 64):
+                   block_size: int = 64, device="cpu"):
     """``batch_fn(split, generator) -> (inputs, targets)`` for :func:`lessons_lib.train.train`.
 
     Each row is one sentence that starts with ``PAD`` ("\\n") and is padded with it; targets
@@ -113,6 +113,7 @@ def facts_batch_fn(world: FactsWorld, tokenizer, batch_size: int = 64, p_note: f
     question answered with the note's city, so that the model learns to trust its context --
     and otherwise a batch of seen facts (one kind per batch: no row waits on a longer one).
     The "val" split draws the same mixture: the facts are the data, there is nothing to hold out.
+    The batches go to ``device``.
     """
     positive_int("batch_size", batch_size)
     if not 0 <= p_note <= 1:
@@ -138,7 +139,7 @@ def facts_batch_fn(world: FactsWorld, tokenizer, batch_size: int = 64, p_note: f
         inputs[inputs < 0] = pad
         targets = rows[:, 1:].clone()
         targets[:, :name_length] = -100     # the first name is random: nothing to learn there
-        return inputs, targets
+        return inputs.to(device), targets.to(device)
 
     return batch_fn
 
