@@ -158,6 +158,64 @@ def compare_close(rtol: float = 1e-4, atol: float = 1e-5):
     return compare
 
 
+def floats(x) -> list[float]:
+    """A tensor's (or a sequence's) values as a list of Python floats: what references written
+    with plain floats and loops read."""
+    return [float(v) for v in (x.tolist() if isinstance(x, torch.Tensor) else x)]
+
+
+def near(a, b, tol: float = 1e-5) -> bool:
+    """Whether two lists of floats have the same length and values within ``tol``."""
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=tol, abs_tol=tol)
+                                    for x, y in zip(a, b))
+
+
+def _infinite(got) -> bool:
+    """Whether ``got`` is a single number that is +inf or -inf."""
+    if isinstance(got, torch.Tensor):
+        if got.numel() != 1:
+            return False
+        got = got.detach().reshape(()).item()
+    try:
+        return math.isinf(float(got))
+    except (TypeError, ValueError):
+        return False
+
+
+def number_close(rtol: float = 1e-5, atol: float = 1e-6, slips=None, infinite: str = ""):
+    """A comparison for :class:`Case`: a single number close to the expected one.
+    ``slips(got) -> message or None`` names a known mistake when the number is wrong;
+    ``infinite``, if given, is said when the answer is +-inf (an underflowed log, say)."""
+    def compare(got, expected) -> str | None:
+        if infinite and _infinite(got):
+            return f"expected about {expected:.6g}, got {_short(got)}: {infinite}"
+        value, problem = as_number(got)
+        if problem:
+            return problem
+        if math.isclose(value, expected, rel_tol=rtol, abs_tol=atol):
+            return None
+        message = f"expected about {expected:.6g}, got {value:.6g}"
+        named = slips(value) if slips else None
+        return f"{message}: {named}" if named else message
+    return compare
+
+
+def tensor_close(rtol: float = 1e-5, atol: float = 1e-5, slips=None):
+    """A comparison for :class:`Case`: a tensor of the expected shape and values (as
+    :func:`compare_close`); ``slips(got as float64) -> message or None`` names a known
+    mistake when the values are wrong."""
+    close = compare_close(rtol, atol)
+
+    def compare(got, expected) -> str | None:
+        problem = close(got, expected)
+        if problem is None or not isinstance(got, torch.Tensor) \
+                or got.shape != expected.shape:
+            return problem
+        named = slips(got.detach().double()) if slips else None
+        return f"{problem}\n  {named}" if named else problem
+    return compare
+
+
 def _inputs(case: Case) -> str:
     """How the learner rebuilds the failing case: the rebuild line, or the inputs if small."""
     if case.rebuild:

@@ -19,7 +19,10 @@ from fractions import Fraction
 
 import torch
 
-from ._core import Case, _short, as_number, compare_close, randn, randn_call, run_cases
+from ._core import Case, _short, compare_close, randn, randn_call, run_cases
+from ._core import floats as _floats
+from ._core import near as _near
+from ._core import number_close as _number_close
 
 __all__ = [
     "check_dpo_loss",
@@ -29,46 +32,9 @@ __all__ = [
 ]
 
 
-def _floats(x) -> list[float]:
-    return [float(v) for v in x.tolist()]
-
 
 def _close(a: float, b: float, rtol: float = 1e-5, atol: float = 1e-6) -> bool:
     return math.isclose(a, b, rel_tol=rtol, abs_tol=atol)
-
-
-def _near(a, b: list[float], tol: float = 1e-5) -> bool:
-    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=tol, abs_tol=tol)
-                                    for x, y in zip(a, b))
-
-
-def _infinite(got) -> bool:
-    """Whether ``got`` is a single number that is +inf or -inf."""
-    if isinstance(got, torch.Tensor):
-        if got.numel() != 1:
-            return False
-        got = got.detach().reshape(()).item()
-    try:
-        return math.isinf(float(got))
-    except (TypeError, ValueError):
-        return False
-
-
-def _number_close(rtol: float = 1e-5, atol: float = 1e-6, slips=None, infinite: str = ""):
-    """A single number close to the expected one; ``slips(got) -> message or None`` names a
-    known mistake when the number is wrong; ``infinite`` is said when the answer is inf."""
-    def compare(got, expected) -> str | None:
-        if infinite and _infinite(got):
-            return f"expected about {expected:.6g}, got {_short(got)}: {infinite}"
-        value, problem = as_number(got)
-        if problem:
-            return problem
-        if math.isclose(value, expected, rel_tol=rtol, abs_tol=atol):
-            return None
-        message = f"expected about {expected:.6g}, got {value:.6g}"
-        named = slips(value) if slips else None
-        return f"{message}: {named}" if named else message
-    return compare
 
 
 # -----------------------------------------------------------------------------
