@@ -25,7 +25,8 @@ JUPYTER_CACHE = ROOT / "_build" / ".jupyter_cache"
 # Each chapter's time budget on a quiet 2-core CPU: 90 s, or what its issue allowed a training
 # chapter (chapter 9's includes pre-training its base model when the cache is cold).
 BUDGET_SECONDS = defaultdict(lambda: 90, {"09_finetuning.ipynb": 150, "10_rlhf.ipynb": 150,
-                                            "11_dpo_grpo.ipynb": 150})
+                                            "11_dpo_grpo.ipynb": 150, "12_emergence.ipynb": 150,
+                                            "13_limitations.ipynb": 150})
 BOOK_BUDGET_SECONDS = 15 * 60
 
 _notebook_seconds: dict[str, float] = defaultdict(float)
