@@ -17,7 +17,10 @@ import math
 
 import torch
 
-from ._core import Case, as_number, compare_close, generator, run_cases
+from ._core import Case, as_number, generator, run_cases
+from ._core import floats as _floats
+from ._core import number_close as _number_close
+from ._core import tensor_close as _tensor_close
 
 __all__ = [
     "check_calibration_error",
@@ -25,37 +28,6 @@ __all__ = [
     "check_alibi_matrix",
     "check_rope_rotation",
 ]
-
-
-def _floats(x) -> list[float]:
-    return [float(v) for v in (x.tolist() if isinstance(x, torch.Tensor) else x)]
-
-
-def _number_close(rtol: float = 1e-5, atol: float = 1e-6, slips=None):
-    """A single number close to the expected one; ``slips(got) -> message or None``."""
-    def compare(got, expected) -> str | None:
-        value, problem = as_number(got)
-        if problem:
-            return problem
-        if math.isclose(value, expected, rel_tol=rtol, abs_tol=atol):
-            return None
-        message = f"expected about {expected:.6g}, got {value:.6g}"
-        named = slips(value) if slips else None
-        return f"{message}: {named}" if named else message
-    return compare
-
-
-def _tensor_close(rtol: float = 1e-5, atol: float = 1e-5, slips=None):
-    """A tensor of the expected shape and values; ``slips(got) -> message or None``."""
-    close = compare_close(rtol, atol)
-
-    def compare(got, expected) -> str | None:
-        problem = close(got, expected)
-        if problem is None or not isinstance(got, torch.Tensor) or got.shape != expected.shape:
-            return problem
-        named = slips(got.detach().double())
-        return f"{problem}\n  {named}" if named else problem
-    return compare
 
 
 # -----------------------------------------------------------------------------
