@@ -10,6 +10,12 @@ does.
 windows are drawn, or a function ``batch_fn(split, generator) -> (inputs, targets)`` for tasks
 whose batches are built differently (instruction tuning, synthetic tasks).
 
+Under ``torchrun`` (see :mod:`lessons_lib.distributed`) ``train`` runs with
+DistributedDataParallel: ``config.batch_size`` stays the global batch, each of the N processes
+computes the gradient of its own ``batch_size / N`` rows of it, DDP averages the gradients,
+and every process takes the same step -- the same training as one process, N times less work
+each. One process with no group runs exactly the single-process loop.
+
 Checkpoints are safetensors files: :func:`save_checkpoint` / :func:`load_checkpoint`.
 """
 
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -24,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checks import eval_mode, positive_int, positive_number
 from .data import get_batch
 from .model import num_parameters
@@ -153,10 +161,19 @@ def train(model: torch.nn.Module, data, config: TrainConfig | None = None, *, ca
     text during training).
     """
     config = config or TrainConfig()
+    world = distributed.world_size()
     device = pick_device(config.device)
+    if world > 1:
+        if config.batch_size % world:
+            raise ValueError(f"TrainConfig.batch_size={config.batch_size} is the global batch: it "
+                             f"must be a multiple of the {world} processes")
+        if device.type == "cuda":
+            device = torch.device("cuda", distributed.local_rank())
     precision = resolve_precision(config, device)
     model.to(device).train()
     batch_fn = _batch_function(data, config, device)
+    if world > 1:
+        batch_fn = _rank_batches(batch_fn, distributed.rank(), world)
     torch.manual_seed(config.seed)
     train_gen = torch.Generator().manual_seed(config.seed)
     eval_gen = torch.Generator().manual_seed(config.seed + 1)
@@ -164,6 +181,8 @@ def train(model: torch.nn.Module, data, config: TrainConfig | None = None, *, ca
     train_eval_batches = [batch_fn("train", eval_gen) for _ in range(config.eval_batches)]
     history = History(precision=precision)
     threads = config.threads or threads_for(max(1, num_parameters(model)))
+    if world > 1 and not config.threads:      # the cores are shared by this machine's processes
+        threads = max(1, threads // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     history.threads = threads
     with use_threads(threads):
         _train_loop(model, config, device, precision, batch_fn, train_gen, val_batches, train_eval_batches,
@@ -171,13 +190,30 @@ def train(model: torch.nn.Module, data, config: TrainConfig | None = None, *, ca
     return history
 
 
+def _rank_batches(batch_fn, rank: int, world: int):
+    """A distributed sampler for random batches: every rank draws the same global batch (the
+    generators share a seed) and keeps its own rows of it."""
+    def rank_batch_fn(split, generator):
+        x, y = batch_fn(split, generator)
+        return distributed.shard(x, rank, world), distributed.shard(y, rank, world)
+    return rank_batch_fn
+
+
+def _ddp(model, device):
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def _train_loop(model, config, device, precision, batch_fn, train_gen, val_batches, train_eval_batches,
                 history, callback) -> None:
     optimizer = make_optimizer(model, config)
+    world = distributed.world_size()
+    # under DDP the wrapper's backward averages the gradients across the processes
+    forward = _ddp(model, device) if world > 1 else model
 
     # redraw at most once a second: in Jupyter each redraw is a message to the front end
-    bar = tqdm(range(config.max_steps), desc="training", disable=not config.progress, leave=False,
-               mininterval=1.0)
+    bar = tqdm(range(config.max_steps), desc="training", disable=not config.progress or not distributed.is_main(),
+               leave=False, mininterval=1.0)
     start = time.perf_counter()
     for i in bar:
         lr = lr_at(i, config)
@@ -185,25 +221,27 @@ def _train_loop(model, config, device, precision, batch_fn, train_gen, val_batch
             group["lr"] = lr
         x, y = batch_fn("train", train_gen)
         with autocast(device, precision):
-            _, loss = model(x, y)
+            _, loss = forward(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
 
-        loss_value = loss.item()
+        loss_value = loss.item() if world == 1 else distributed.all_reduce_mean(loss.item())
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"the loss became {loss_value} at step {i}; lower the learning rate")
         history.step.append(i)
         history.train_loss.append(loss_value)
         history.lr.append(lr)
-        history.tokens += x.numel()
+        history.tokens += x.numel() * world
         if (i + 1) % config.eval_interval == 0 or i + 1 == config.max_steps:
             history.seconds += time.perf_counter() - start
             history.eval_step.append(i)
-            history.val_loss.append(evaluate(model, val_batches, device, precision))
-            history.eval_train_loss.append(evaluate(model, train_eval_batches, device, precision))
+            # each rank evaluates its rows; the mean over ranks is the loss of the whole batches
+            history.val_loss.append(distributed.all_reduce_mean(evaluate(model, val_batches, device, precision)))
+            history.eval_train_loss.append(
+                distributed.all_reduce_mean(evaluate(model, train_eval_batches, device, precision)))
             bar.set_postfix(train=f"{history.eval_train_loss[-1]:.3f}", val=f"{history.val_loss[-1]:.3f}",
                             refresh=False)
             if callback is not None:
