@@ -17,6 +17,8 @@ Read top to bottom:
    weights use), attention per head, and an output projection (``c_proj``). Without weights
    requested it calls PyTorch's fused kernel; with them it runs the explicit function above.
    ``positions="rope"`` or ``"alibi"`` adds one of the two schemes of step 4.
+   ``n_kv_heads`` < ``n_heads`` gives grouped-query attention (Ainslie et al. 2023, Llama 2/3):
+   fewer key/value heads, each shared by a group of query heads (:func:`repeat_kv_heads`).
    :meth:`MultiHeadAttention.from_torch` copies the weights of a ``torch.nn.MultiheadAttention``
    so the two can be compared.
 """
@@ -36,6 +38,7 @@ __all__ = [
     "causal_mask",
     "split_heads",
     "merge_heads",
+    "repeat_kv_heads",
     "rope_tables",
     "rotate_half",
     "apply_rope",
@@ -173,6 +176,17 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-3, -2).reshape(*lead, T, h * hd)
 
 
+def repeat_kv_heads(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(..., n_kv_heads, T, head_dim) -> (..., n_kv_heads * n_rep, T, head_dim): each key/value
+    head repeated ``n_rep`` times in place, so query head i reads key/value head i // n_rep
+    (grouped-query attention; Hugging Face's ``repeat_kv``)."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 3:
+        raise ValueError(f"x must be a tensor of shape (..., n_kv_heads, T, head_dim), got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+    positive_int("n_rep", n_rep)
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=-3)
+
+
 # -----------------------------------------------------------------------------
 # 4. positions inside the attention: RoPE and ALiBi
 
@@ -280,15 +294,25 @@ class MultiHeadAttention(nn.Module):
     to its embeddings), ``"rope"`` (q and k rotated by :func:`apply_rope`, ``rope_base`` the
     base of its angles) or ``"alibi"`` (:func:`alibi_bias` added to the scores). Neither adds a
     parameter. With a cache, the positions continue at the cache's start.
+
+    ``n_kv_heads`` (default ``n_heads``): how many key/value heads. Fewer than ``n_heads`` is
+    grouped-query attention: ``c_attn`` then gives q (n_heads heads) | k | v (n_kv_heads heads
+    each), a cache holds n_kv_heads heads, and each key/value head serves n_heads / n_kv_heads
+    query heads (:func:`repeat_kv_heads`). ``n_kv_heads=1`` is multi-query attention.
     """
 
     def __init__(self, d_model: int, n_heads: int, bias: bool = True, causal: bool = False,
-                 dropout: float = 0.0, positions: str | None = None, rope_base: float = 10000.0):
+                 dropout: float = 0.0, positions: str | None = None, rope_base: float = 10000.0,
+                 n_kv_heads: int | None = None):
         super().__init__()
         positive_int("d_model", d_model)
         positive_int("n_heads", n_heads)
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        n_kv_heads = n_heads if n_kv_heads is None else positive_int("n_kv_heads", n_kv_heads)
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads={n_heads} is not divisible by n_kv_heads={n_kv_heads}: "
+                             f"every key/value head must serve the same number of query heads")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if positions not in (None, "rope", "alibi"):
@@ -300,15 +324,19 @@ class MultiHeadAttention(nn.Module):
                 and rope_base > 0):
             raise ValueError(f"rope_base must be a positive number, got {rope_base!r}")
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        self.n_kv_heads = n_kv_heads
         self.causal, self.dropout = causal, dropout
         self.positions, self.rope_base = positions, float(rope_base)
-        self.c_attn = nn.Linear(d_model, 3 * d_model, bias=bias)   # W^Q | W^K | W^V, all heads
+        kv_width = n_kv_heads * self.head_dim                      # = d_model without GQA
+        self.c_attn = nn.Linear(d_model, d_model + 2 * kv_width, bias=bias)  # W^Q | W^K | W^V
         self.c_proj = nn.Linear(d_model, d_model, bias=bias)       # W^O
         self.attn_dropout = nn.Dropout(dropout)
         self.resid_dropout = nn.Dropout(dropout)
 
     def extra_repr(self) -> str:
         extra = f", positions={self.positions!r}" if self.positions else ""
+        if self.n_kv_heads != self.n_heads:
+            extra += f", n_kv_heads={self.n_kv_heads}"
         return f"d_model={self.d_model}, n_heads={self.n_heads}, causal={self.causal}{extra}"
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
@@ -321,16 +349,18 @@ class MultiHeadAttention(nn.Module):
         ``causal=True`` it is combined with the causal mask.
 
         ``kv``: a key/value cache for generation, ``(k_buffer, v_buffer, start)`` with buffers
-        of shape (batch, n_heads, max_len, head_dim): the new keys and values are written at
+        of shape (batch, n_kv_heads, max_len, head_dim): the new keys and values are written at
         positions ``start .. start+T-1`` and the queries attend to everything up to there."""
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(
                 f"x must have shape (batch, T, d_model={self.d_model}), got {getattr(x, 'shape', type(x).__name__)}")
         B, T, C = x.shape
-        # one projection gives q | k | v for all heads; view it as (B, T, 3, h, hd), then move
-        # the axes to (3, B, h, T, hd): the same as split_heads on each third, in fewer steps
-        qkv = self.c_attn(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)                                          # each (B, h, T, hd)
+        # one projection gives q | k | v for all heads; view it as (B, T, h + 2 kv, hd), move
+        # the heads before T and cut it into h query heads, kv key heads and kv value heads:
+        # the same as split_heads on each part, in fewer steps
+        h, kv_h = self.n_heads, self.n_kv_heads
+        qkv = self.c_attn(x).view(B, T, h + 2 * kv_h, self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split((h, kv_h, kv_h), dim=1)        # (B, h, T, hd), k, v (B, kv, T, hd)
         start = kv[2] if kv is not None else 0          # where these positions begin
         if self.positions == "rope":                    # turn q and k by their positions
             cos, sin = self._rope(T, start, q)
@@ -341,6 +371,7 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError("the key/value cache is for causal generation: no extra mask, no weights")
             y = self._attend_with_cache(q, k, v, kv)
             return self._project_out(y)
+        k, v = repeat_kv_heads(k, h // kv_h), repeat_kv_heads(v, h // kv_h)   # (B, h, T, hd)
 
         scores_shape = torch.Size((B, self.n_heads, T, T))
         if mask is not None:
@@ -400,6 +431,8 @@ class MultiHeadAttention(nn.Module):
         k_buf[:, :, start:end] = k
         v_buf[:, :, start:end] = v
         k, v = k_buf[:, :, :end], v_buf[:, :, :end]
+        n_rep = self.n_heads // self.n_kv_heads       # the cache holds the kv heads only
+        k, v = repeat_kv_heads(k, n_rep), repeat_kv_heads(v, n_rep)
         if self.positions == "alibi":    # queries at start..end-1, keys at 0..end-1
             bias = alibi_bias(self.n_heads, T, end, start=start, device=q.device, dtype=q.dtype)
             if T > 1:

@@ -1,0 +1,378 @@
+"""A Llama-style decoder: what changed in the Transformer between GPT-2 (2019) and Llama (2023).
+
+Read top to bottom:
+
+1. :class:`LlamaConfig` -- the sizes (SmolLM2-135M: 30 layers, width 576, 9 query heads, 3
+   key/value heads, a 1536-wide feed-forward block, 49,152 tokens).
+2. :class:`RMSNorm` -- LayerNorm without the mean and without the bias: ``x / rms(x) * g``.
+3. :class:`SwiGLU` -- the feed-forward block with a gate: ``down(silu(gate(x)) * up(x))``.
+4. :class:`LlamaBlock` -- pre-norm residual block: RMSNorm, attention, RMSNorm, SwiGLU. Its
+   attention is :class:`lessons_lib.attention.MultiHeadAttention` (the one of every chapter)
+   with rotary positions (``positions="rope"``), no biases, and grouped-query attention
+   (``n_kv_heads``).
+5. :class:`Llama` -- token embeddings (no position embeddings: RoPE is inside the attention),
+   the blocks, a final RMSNorm and the head, tied to the embeddings if the config says so.
+   :meth:`Llama.from_gguf` loads a GGUF file (SmolLM2's), :meth:`Llama.from_hf_state_dict`
+   a Hugging Face ``LlamaForCausalLM`` state dict.
+6. :class:`LlamaKVCache` and :func:`generate_until` -- greedy decoding with (or without) the
+   key/value cache, stopping at an end token; :func:`chat` -- one question through the chat
+   template, one answer back.
+
+The model has the interface of :class:`lessons_lib.model.GPT` (``forward(idx, targets,
+kv_cache) -> (logits, loss)``, ``new_kv_cache``, ``config.block_size``), so
+:func:`lessons_lib.generate.generate` runs it too.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import MultiHeadAttention
+from .checks import positive_int, token_ids
+from .model import KVCache, next_token_loss, num_parameters
+
+__all__ = ["LlamaConfig", "RMSNorm", "SwiGLU", "LlamaBlock", "Llama", "LlamaKVCache",
+           "generate_until", "chat", "GenerationResult"]
+
+
+# -----------------------------------------------------------------------------
+# 1. sizes
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 49152
+    n_layer: int = 30
+    n_embd: int = 576
+    n_head: int = 9              # query heads
+    n_kv_head: int = 3           # key/value heads: n_head / n_kv_head query heads share one
+    n_ff: int = 1536             # hidden width of the SwiGLU block
+    block_size: int = 8192       # the longest sequence (context length)
+    rope_base: float = 100000.0  # RoPE's theta
+    norm_eps: float = 1e-5       # RMSNorm's epsilon
+    tie_embeddings: bool = True  # the head reuses the token embedding matrix
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "n_ff",
+                     "block_size"):
+            positive_int(name, getattr(self, name))
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"head_dim = n_embd // n_head = {self.n_embd // self.n_head} must be "
+                             f"even (RoPE turns pairs of features)")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if not self.rope_base > 0 or not self.norm_eps > 0:
+            raise ValueError(f"rope_base and norm_eps must be positive, got {self.rope_base}, "
+                             f"{self.norm_eps}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_gguf(cls, config) -> "LlamaConfig":
+        """From a :class:`lessons_lib.gguf_file.GGUFConfig`."""
+        return cls(vocab_size=config.vocab_size, n_layer=config.n_layer, n_embd=config.n_embd,
+                   n_head=config.n_head, n_kv_head=config.n_kv_head, n_ff=config.n_ff,
+                   block_size=config.context_length, rope_base=config.rope_base,
+                   norm_eps=config.norm_eps, tie_embeddings=config.tied_embeddings)
+
+    @classmethod
+    def from_hf(cls, config) -> "LlamaConfig":
+        """From a transformers ``LlamaConfig``."""
+        return cls(vocab_size=config.vocab_size, n_layer=config.num_hidden_layers,
+                   n_embd=config.hidden_size, n_head=config.num_attention_heads,
+                   n_kv_head=config.num_key_value_heads, n_ff=config.intermediate_size,
+                   block_size=config.max_position_embeddings,
+                   rope_base=float(getattr(config, "rope_theta", None)
+                                   or config.rope_parameters["rope_theta"]),
+                   norm_eps=config.rms_norm_eps, tie_embeddings=config.tie_word_embeddings)
+
+
+# -----------------------------------------------------------------------------
+# 2. and 3. the two new pieces of the block
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalization (Zhang & Sennrich 2019): ``x / sqrt(mean(x^2) + eps) * g``.
+
+    LayerNorm subtracts the mean, divides by the standard deviation, and adds a bias; RMSNorm
+    only rescales, which is one reduction fewer and (the paper found) as good."""
+
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__()
+        positive_int("d", d)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.shape[-1:] != self.weight.shape:
+            raise ValueError(f"x must have shape (..., {self.weight.shape[0]}), got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight
+
+
+class SwiGLU(nn.Module):
+    """The gated feed-forward block (Shazeer 2020): ``down(silu(gate(x)) * up(x))``.
+
+    GPT-2's MLP is ``proj(gelu(fc(x)))`` with two matrices; here a third one, the gate, decides
+    per hidden unit how much of ``up(x)`` goes through. No biases."""
+
+    def __init__(self, n_embd: int, n_ff: int):
+        super().__init__()
+        self.gate = nn.Linear(n_embd, n_ff, bias=False)
+        self.up = nn.Linear(n_embd, n_ff, bias=False)
+        self.down = nn.Linear(n_ff, n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+# -----------------------------------------------------------------------------
+# 4. the block
+
+class LlamaBlock(nn.Module):
+    """x + attn(norm(x)), then + swiglu(norm(x)): GPT-2's pre-norm layout with the new parts."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = MultiHeadAttention(config.n_embd, config.n_head, bias=False, causal=True,
+                                       positions="rope", rope_base=config.rope_base,
+                                       n_kv_heads=config.n_kv_head)
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = SwiGLU(config.n_embd, config.n_ff)
+
+    def forward(self, x: torch.Tensor, kv: tuple | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), kv=kv)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# -----------------------------------------------------------------------------
+# 5. the model
+
+class LlamaKVCache(KVCache):
+    """:class:`lessons_lib.model.KVCache` for grouped-query attention: it holds the n_kv_head
+    key/value heads only, (n_layer, batch, n_kv_head, max_len, head_dim) per tensor."""
+
+    def __init__(self, config: LlamaConfig, batch_size: int, max_len: int | None = None,
+                 device=None, dtype=torch.float32):
+        positive_int("batch_size", batch_size)
+        max_len = config.block_size if max_len is None else positive_int("max_len", max_len)
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self._pos = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the keys and values of every layer take."""
+        return self.k.nbytes + self.v.nbytes
+
+
+class Llama(nn.Module):
+    """A Llama-architecture language model (Llama 2/3, SmolLM2, Mistral without sliding window)."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        if not isinstance(config, LlamaConfig):
+            raise ValueError(f"config must be a LlamaConfig, got {type(config).__name__}")
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(LlamaBlock(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        """Parameters counted once each (the tied embedding once)."""
+        return num_parameters(self)
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> LlamaKVCache:
+        p = self.tok_emb.weight
+        return LlamaKVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: LlamaKVCache | None = None):
+        """``idx`` (batch, T) token ids -> ``(logits (batch, T, vocab), loss)``; with
+        ``kv_cache`` the tokens continue the cached sequence at ``kv_cache.pos``."""
+        token_ids(idx, "idx")
+        if idx.dim() != 2:
+            raise ValueError(f"idx must have shape (batch, T), got {tuple(idx.shape)}")
+        B, T = idx.shape
+        cached = kv_cache is not None
+        start = kv_cache.pos if cached else 0
+        if T == 0 or start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} at position {start} does not fit the "
+                             f"model's block_size={self.config.block_size}")
+        if cached:
+            kv_cache.start(B, T)          # the batch and the room the cache holds
+        token_ids(idx, "idx", vocab_size=self.config.vocab_size)
+        x = self.tok_emb(idx.long())
+        for i, block in enumerate(self.blocks):
+            x = block(x, kv=kv_cache.layer(i) if cached else None)
+        if cached:
+            kv_cache.advance(T)
+        logits = self.lm_head(self.norm(x))
+        return logits, (None if targets is None else next_token_loss(logits, targets))
+
+    # -- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_state_dict(cls, config: LlamaConfig, state_dict: dict) -> "Llama":
+        """A model holding the weights of a Hugging Face ``LlamaForCausalLM`` state dict
+        (names ``model.layers.N.self_attn.q_proj.weight``, ...; the rotate_half layout)."""
+        model = cls(config)
+        sd = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
+        missing = [k for k in _hf_names(config) if k not in sd]
+        if missing:
+            raise ValueError(f"the state dict lacks {len(missing)} weights, e.g. {missing[:3]}")
+
+        def take(name, shape):
+            t = sd.pop(name)
+            if tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, the config says "
+                                 f"{tuple(shape)}")
+            return t
+
+        with torch.no_grad():
+            c = config
+            model.tok_emb.weight.copy_(take("model.embed_tokens.weight",
+                                            (c.vocab_size, c.n_embd)))
+            model.norm.weight.copy_(take("model.norm.weight", (c.n_embd,)))
+            if not c.tie_embeddings:
+                model.lm_head.weight.copy_(take("lm_head.weight", (c.vocab_size, c.n_embd)))
+            sd.pop("lm_head.weight", None)     # a tied checkpoint may list it too
+            kv = c.n_kv_head * c.head_dim
+            for i, block in enumerate(model.blocks):
+                p = f"model.layers.{i}."
+                q = take(p + "self_attn.q_proj.weight", (c.n_embd, c.n_embd))
+                k = take(p + "self_attn.k_proj.weight", (kv, c.n_embd))
+                v = take(p + "self_attn.v_proj.weight", (kv, c.n_embd))
+                block.attn.c_attn.weight.copy_(torch.cat((q, k, v)))     # q | k | v rows
+                block.attn.c_proj.weight.copy_(take(p + "self_attn.o_proj.weight",
+                                                    (c.n_embd, c.n_embd)))
+                block.attn_norm.weight.copy_(take(p + "input_layernorm.weight", (c.n_embd,)))
+                block.mlp_norm.weight.copy_(take(p + "post_attention_layernorm.weight",
+                                                 (c.n_embd,)))
+                block.mlp.gate.weight.copy_(take(p + "mlp.gate_proj.weight", (c.n_ff, c.n_embd)))
+                block.mlp.up.weight.copy_(take(p + "mlp.up_proj.weight", (c.n_ff, c.n_embd)))
+                block.mlp.down.weight.copy_(take(p + "mlp.down_proj.weight", (c.n_embd, c.n_ff)))
+        if sd:
+            raise ValueError(f"the state dict has {len(sd)} weights the model does not use, "
+                             f"e.g. {sorted(sd)[:3]}")
+        return model.eval()
+
+    @classmethod
+    def from_gguf(cls, path_or_file) -> "Llama":
+        """Load a Llama-architecture GGUF file (a path or an open
+        :class:`lessons_lib.gguf_file.GGUFFile`), weights dequantized to float32."""
+        from .gguf_file import GGUFFile, hf_name
+
+        gguf = path_or_file if isinstance(path_or_file, GGUFFile) else GGUFFile(path_or_file)
+        config = LlamaConfig.from_gguf(gguf.config)
+        state = {hf_name(name): t for name, t in gguf.tensors(hf_layout=True).items()}
+        return cls.from_hf_state_dict(config, state)
+
+
+def _hf_names(config: LlamaConfig) -> list[str]:
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not config.tie_embeddings:
+        names.append("lm_head.weight")
+    for i in range(config.n_layer):
+        names += [f"model.layers.{i}.{n}.weight" for n in (
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "input_layernorm", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
+            "mlp.down_proj")]
+    return names
+
+
+# -----------------------------------------------------------------------------
+# 6. generation
+
+@dataclass
+class GenerationResult:
+    ids: list              # the new token ids (the stop token not included)
+    seconds: float         # wall time of the whole generation (prompt included)
+    prompt_tokens: int
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.ids) / self.seconds if self.seconds > 0 else float("inf")
+
+
+@torch.inference_mode()
+def generate_until(model: Llama, prompt_ids, max_new_tokens: int, stop_ids=(),
+                   use_cache: bool = True) -> GenerationResult:
+    """Greedy decoding of one sequence: append the most likely next token until one of
+    ``stop_ids`` comes (not kept) or ``max_new_tokens`` are written.
+
+    With ``use_cache`` the prompt runs once and each new token is one position through the
+    model (its keys and values appended to a :class:`LlamaKVCache`); without, every step runs
+    the whole sequence again."""
+    if not isinstance(model, Llama):
+        raise ValueError(f"model must be a Llama, got {type(model).__name__}")
+    positive_int("max_new_tokens", max_new_tokens)
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1)
+    if ids.shape[1] == 0:
+        raise ValueError("prompt_ids is empty")
+    stop = set(int(s) for s in stop_ids)
+    device = model.tok_emb.weight.device
+    ids = ids.to(device)
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    new = []
+    cache = model.new_kv_cache(1, max_len=ids.shape[1] + max_new_tokens) if use_cache else None
+    step_input = ids
+    for _ in range(max_new_tokens):
+        logits, _ = model(step_input, kv_cache=cache)
+        token = int(logits[0, -1].argmax())
+        if token in stop:
+            break
+        new.append(token)
+        next_id = torch.tensor([[token]], device=device)
+        ids = torch.cat((ids, next_id), dim=1)
+        step_input = next_id if use_cache else ids
+    seconds = time.perf_counter() - t0
+    model.train(was_training)
+    return GenerationResult(ids=new, seconds=seconds, prompt_tokens=ids.shape[1] - len(new))
+
+
+def chat(model: Llama, gguf, question: str, max_new_tokens: int = 48,
+         system: str | None = None, use_cache: bool = True,
+         tokenizer=None) -> tuple[str, GenerationResult]:
+    """Ask ``question`` through the file's chat template; returns ``(answer, result)``.
+
+    ``gguf``: the :class:`lessons_lib.gguf_file.GGUFFile` the model came from (its tokenizer
+    and template); ``tokenizer``: its ``gguf.tokenizer()`` if you have it already (building one
+    parses 49k merges, a few seconds). Generation stops at ``<|im_end|>`` (the end of the assistant's turn) or the
+    end-of-text token."""
+    if not isinstance(question, str) or not question:
+        raise ValueError("question must be a non-empty string")
+    messages = ([{"role": "system", "content": system}] if system else []) \
+        + [{"role": "user", "content": question}]
+    tok = gguf.tokenizer() if tokenizer is None else tokenizer
+    prompt = gguf.render_chat(messages)
+    ids = tok.encode(prompt, allowed_special="all")
+    special = gguf.special_tokens()
+    stop = [special[s] for s in ("<|im_end|>", "<|endoftext|>") if s in special]
+    result = generate_until(model, ids, max_new_tokens, stop_ids=stop, use_cache=use_cache)
+    return tok.decode(result.ids), result
