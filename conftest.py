@@ -26,7 +26,10 @@ JUPYTER_CACHE = ROOT / "_build" / ".jupyter_cache"
 # chapter (chapter 9's includes pre-training its base model when the cache is cold).
 BUDGET_SECONDS = defaultdict(lambda: 90, {"09_finetuning.ipynb": 150, "10_rlhf.ipynb": 150,
                                             "11_dpo_grpo.ipynb": 150, "12_emergence.ipynb": 150,
-                                            "13_limitations.ipynb": 150})
+                                            "13_limitations.ipynb": 150,
+                                            "14_modern_llm.ipynb": 150,
+                                            "15_beyond_transformers.ipynb": 150,
+                                            "16_scaling_out.ipynb": 150})
 BOOK_BUDGET_SECONDS = 15 * 60
 
 _notebook_seconds: dict[str, float] = defaultdict(float)
