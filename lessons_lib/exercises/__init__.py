@@ -18,4 +18,5 @@ from .ch11 import *  # noqa: F401,F403
 from .ch12 import *  # noqa: F401,F403
 from .ch13 import *  # noqa: F401,F403
 from .ch14 import *  # noqa: F401,F403
+from .ch15 import *  # noqa: F401,F403
 from .ch16 import *  # noqa: F401,F403
