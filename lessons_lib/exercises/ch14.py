@@ -40,6 +40,17 @@ def _matches(got: torch.Tensor, candidate: torch.Tensor) -> bool:
 # -----------------------------------------------------------------------------
 # exercise 1: RMSNorm
 
+def _first_slip(wrong: dict):
+    """A function that names the first slip in ``wrong`` (message -> the tensor that slip
+    gives) whose tensor ``got`` matches, or returns None."""
+    def slips(got):
+        for message, candidate in wrong.items():
+            if _matches(got, candidate):
+                return message
+        return None
+    return slips
+
+
 def _rms_norm(x, weight, eps, center=False, eps_outside=False, gain=True):
     g = weight.double().tolist()
     out = []
@@ -60,13 +71,7 @@ def _rms_slips(x, weight, eps):
             _rms_norm(x, weight, eps, eps_outside=True),
         "multiply by the gain `weight` at the end": _rms_norm(x, weight, eps, gain=False),
     }
-
-    def slips(got):
-        for message, candidate in wrong.items():
-            if _matches(got, candidate):
-                return message
-        return None
-    return slips
+    return _first_slip(wrong)
 
 
 def check_rms_norm(fn) -> None:
@@ -129,13 +134,7 @@ def _swiglu_slips(*args):
         "that looks like ReLU; SwiGLU's gate uses SiLU, x * sigmoid(x) (F.silu)":
             _swiglu(*args, act="relu"),
     }
-
-    def slips(got):
-        for message, candidate in wrong.items():
-            if _matches(got, candidate):
-                return message
-        return None
-    return slips
+    return _first_slip(wrong)
 
 
 def check_swiglu(fn) -> None:
