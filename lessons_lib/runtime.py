@@ -23,10 +23,14 @@ loss in float32) only where the hardware computes bfloat16 natively, else ``"fp3
 The environment variable ``LESSONS_LIB_PRECISION`` (``fp32``, ``bf16`` or ``auto``, the
 default) overrides the choice, e.g. to measure both paths on one machine.
 
-**Threads.** Training uses PyTorch's default, one thread per core, except for small models
-(:func:`threads_for`), which train on one. Timings that the chapters compare use one thread
-(:func:`one_thread`): it measures the work itself, and a second program busy on the machine
-disturbs it far less than a team of threads that wait for each other.
+**Threads.** Training uses one thread per core (or ``LESSONS_LIB_THREADS`` threads, when
+that variable is set), except for small models (:func:`threads_for`), which train on one.
+The count depends on the model and the machine only, never on what else is running: with
+the same thread count the same seed gives the same numbers, bit for bit, while a count that
+followed the machine's load would change how every sum is split up, and with it the last
+bits of every result. Timings that the chapters compare use one thread (:func:`one_thread`):
+it measures the work itself, and a second program busy on the machine disturbs it far less
+than a team of threads that wait for each other.
 """
 
 from __future__ import annotations
@@ -44,10 +48,12 @@ from .checks import non_negative_int, positive_int
 
 __all__ = ["PRECISIONS", "ENV_VAR", "cpu_flags", "cpu_model", "cpu_has_native_bf16",
            "choose_device", "model_device", "choose_precision", "Runtime", "runtime", "autocast", "one_thread",
-           "use_threads", "threads_for", "busy_cores", "cpu_cores", "time_interleaved"]
+           "use_threads", "threads_for", "default_threads", "cpu_cores", "THREADS_VAR",
+           "time_interleaved"]
 
 PRECISIONS = ("fp32", "bf16")
 ENV_VAR = "LESSONS_LIB_PRECISION"
+THREADS_VAR = "LESSONS_LIB_THREADS"
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 CPUINFO = Path("/proc/cpuinfo")
 
@@ -179,7 +185,7 @@ class Runtime:
 
     device: str            # "cpu", "cuda", ...
     precision: str         # "fp32" or "bf16"
-    threads: int           # torch.get_num_threads() for training
+    threads: int           # threads for training a model too large for one thread
     reason: str            # why this precision
     cpu: str               # the CPU's model name
     capability: str        # PyTorch's CPU kernel level: "AVX2", "AVX512", ...
@@ -201,7 +207,7 @@ def runtime(device: str | torch.device = "auto", precision: str | None = None) -
     """What a run on this machine uses: see the module's docstring."""
     dev = choose_device(device)
     chosen, reason = choose_precision(dev, precision)
-    return Runtime(device=str(dev), precision=chosen, threads=torch.get_num_threads(), reason=reason,
+    return Runtime(device=str(dev), precision=chosen, threads=default_threads(), reason=reason,
                    cpu=cpu_model(), capability=torch.backends.cpu.get_cpu_capability())
 
 
@@ -233,17 +239,19 @@ def autocast(device: str | torch.device, precision: str):
 SMALL_MODEL_PARAMETERS = 250_000
 
 
-def threads_for(n_parameters: int) -> int:
+def threads_for(n_parameters: int, environ=None) -> int:
     """The thread count to train a model of ``n_parameters`` with: one below
     :data:`SMALL_MODEL_PARAMETERS` (its matrix products are too small to share out: a second
-    thread gains little, and on a busy machine threads that wait for each other can slow
-    training down several times over), else PyTorch's default of one per core."""
+    thread gains little, and threads that wait for each other at every small product lose more
+    than they gain when another program shares the cores), else :func:`default_threads`.
+
+    A pure function of the model's size and the machine (and ``LESSONS_LIB_THREADS``): the
+    same seed on the same machine gives the same numbers whatever else is running.
+    """
     positive_int("n_parameters", n_parameters)
     if n_parameters < SMALL_MODEL_PARAMETERS:
         return 1
-    # a core another program keeps busy is worse than no core: PyTorch's threads wait for the
-    # slowest one at every step (measured: a 2-thread run with one core busy, 10x slower)
-    return max(1, _default_threads() - busy_cores())
+    return default_threads(environ)
 
 
 def cpu_cores() -> int:
@@ -251,21 +259,20 @@ def cpu_cores() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-_default_threads = cpu_cores
-
-
-def busy_cores(samples: int = 5, interval: float = 0.01) -> int:
-    """How many cores other programs keep busy right now: the fewest processes ready to run
-    (``/proc/loadavg``) over a few samples, less this one. 0 where that cannot be read."""
-    counts = []
-    for _ in range(samples):
-        try:
-            running = Path("/proc/loadavg").read_text().split()[3].split("/")[0]
-        except (OSError, IndexError):
-            return 0
-        counts.append(int(running) - 1)
-        time.sleep(interval)
-    return max(0, min(counts))
+def default_threads(environ=None) -> int:
+    """Threads for training: ``LESSONS_LIB_THREADS`` when it is set (a whole number >= 1), else
+    one per core this process may run on. ``environ`` (a mapping) is for tests."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(THREADS_VAR, "").strip()
+    if not value:
+        return cpu_cores()
+    try:
+        threads = int(value)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ValueError(f"{THREADS_VAR} must be a whole number of threads >= 1, got {value!r}")
+    return threads
 
 
 @contextlib.contextmanager

@@ -184,18 +184,64 @@ def test_time_interleaved_refuses_bad_input():
 
 def test_small_models_train_on_one_thread():
     assert rt.threads_for(100_000) == 1
-    assert rt.threads_for(10_000_000) >= 1
-    assert rt.threads_for(rt.SMALL_MODEL_PARAMETERS) == max(1, rt._default_threads() - rt.busy_cores())
+    assert rt.threads_for(rt.SMALL_MODEL_PARAMETERS) == rt.default_threads()
     for bad in (0, -5, 2.5, True, "many"):
         with pytest.raises(ValueError, match="n_parameters"):
             rt.threads_for(bad)
 
 
-def test_a_busy_core_is_left_alone(monkeypatch):
-    monkeypatch.setattr(rt, "_default_threads", lambda: 4)
-    monkeypatch.setattr(rt, "busy_cores", lambda: 1)
-    assert rt.threads_for(10_000_000) == 3
-    monkeypatch.setattr(rt, "busy_cores", lambda: 9)
-    assert rt.threads_for(10_000_000) == 1
-    monkeypatch.undo()
-    assert rt.busy_cores(samples=2, interval=0.0) >= 0
+def test_thread_count_depends_on_the_cores_and_the_variable_only(monkeypatch):
+    monkeypatch.setattr(rt, "cpu_cores", lambda: 4)
+    assert rt.threads_for(10_000_000, environ={}) == 4
+    assert rt.threads_for(10_000_000, environ={rt.THREADS_VAR: " 3 "}) == 3
+    assert rt.threads_for(100_000, environ={rt.THREADS_VAR: "3"}) == 1
+    # a busy machine changes nothing: /proc/loadavg is not read
+    monkeypatch.setattr(rt.Path, "read_text", lambda *a, **k: "9.0 9.0 9.0 9/300 1")
+    assert rt.threads_for(10_000_000, environ={}) == 4
+    for bad in ("0", "-1", "two", "1.5"):
+        with pytest.raises(ValueError, match=rt.THREADS_VAR):
+            rt.default_threads(environ={rt.THREADS_VAR: bad})
+
+
+def test_runtime_reports_the_training_threads_not_the_current_setting():
+    with use_threads(1):
+        assert runtime().threads == rt.default_threads()
+
+
+def _train_once(data):
+    from lessons_lib.model import GPT, GPTConfig
+    from lessons_lib.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=4, n_embd=128))
+    config = TrainConfig(max_steps=8, batch_size=8, block_size=32, lr=1e-3, warmup_steps=2,
+                         eval_interval=8, eval_batches=1, precision="auto", progress=False)
+    history = train(model, data, config)
+    return model.state_dict(), history
+
+
+@pytest.mark.slow
+def test_the_same_seed_gives_the_same_weights_beside_a_busy_process():
+    """Same seed, same machine: the same weights bit for bit, whether or not another program
+    keeps a core busy (the thread count must not follow the machine's load)."""
+    import subprocess
+    import sys
+
+    g = torch.Generator().manual_seed(1)
+    data = (torch.randint(65, (4_000,), generator=g), torch.randint(65, (1_000,), generator=g))
+    quiet, quiet_history = _train_once(data)
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 120\n"
+                             "while time.time() < end:\n    pass"])
+    try:
+        import time
+        time.sleep(0.3)                       # the busy loop is running
+        loaded, loaded_history = _train_once(data)
+    finally:
+        busy.kill()
+        busy.wait()
+    n_params = sum(v.numel() for v in quiet.values())
+    assert n_params > rt.SMALL_MODEL_PARAMETERS    # a model that trains on every core
+    assert quiet_history.threads == loaded_history.threads == rt.default_threads()
+    assert quiet_history.train_loss == loaded_history.train_loss
+    for name, tensor in quiet.items():
+        assert torch.equal(tensor, loaded[name]), name
