@@ -8,6 +8,7 @@ Later chapters load them instead of training them again:
     model, tokenizer, report = shakespeare_char()      # trains on first call (about a minute)
     print(report.val_loss, report.train_seconds)
     model, tokenizer, report = movie_gpt()             # the base model of chapters 9-11
+    reward_model, history = movie_reward_model()       # chapter 10's, reused by chapter 11
 
 The first call trains with the chapter's recipe and saves the weights as a safetensors file in
 the cache folder (``lessons_lib.assets.cache_dir()``, i.e. ``LESSONS_LIB_CACHE`` or
@@ -39,12 +40,13 @@ from .checks import eval_mode, positive_int, token_ids
 from .data import load_movie_ratings, load_shakespeare, split_ratings, train_val_split
 from .model import GPT, GPTConfig
 from .tokenizers import BPETokenizer, CharTokenizer
-from .runtime import choose_device, choose_precision, model_device, runtime
+from .runtime import choose_device, choose_precision, model_device, runtime, threads_for
 from .train import TrainConfig, load_checkpoint, save_checkpoint, train
 
 __all__ = ["Recipe", "RECIPES", "CORPORA", "PretrainReport", "evaluate_split", "shakespeare_data",
            "movie_data", "train_pretrained", "train_shakespeare_char", "pretrained",
-           "shakespeare_char", "movie_gpt", "cache_path", "models_dir", "END_OF_TEXT"]
+           "shakespeare_char", "movie_gpt", "movie_reward_model", "cache_path", "models_dir",
+           "END_OF_TEXT"]
 
 # bump when the meaning of a recipe changes (data, model code) so old caches are not reused
 FORMAT_VERSION = 2
@@ -392,3 +394,47 @@ def movie_gpt(recipe: Recipe | str = "movies", **kwargs):
     reviews (``RECIPES["movies"]``): it continues text and follows no instruction. The keyword
     arguments are :func:`pretrained`'s."""
     return pretrained(recipe, **kwargs)
+
+
+def movie_reward_model(config=None, *, recipe: Recipe | str = "movies", retrain: bool = False,
+                       device: str = "auto"):
+    """Chapters 10 and 11's reward model: ``(reward_model, history)``.
+
+    A :class:`lessons_lib.rlhf.RewardModel` on :func:`movie_gpt`'s trunk, its head drawn with
+    ``config.seed``, trained by :func:`lessons_lib.rlhf.train_reward_model` on the human ratings
+    of the training snippets with ``config`` (a ``RewardTrainConfig``; None: its defaults).
+    Cached like the base model: a later call with the same config, base model, precision and
+    thread count loads it (``history.from_cache`` is then True, and the rest of ``history`` is
+    the original run's). ``retrain=True`` trains anyway and replaces the cached file, as
+    chapter 10 does so that its training is live. The caller's random numbers are left as they
+    were, so the result does not depend on what ran before.
+    """
+    from .rlhf import RewardModel, RewardTrainConfig, RewardTrainHistory, train_reward_model
+
+    config = RewardTrainConfig() if config is None else config
+    if not isinstance(config, RewardTrainConfig):
+        raise ValueError(f"config must be a RewardTrainConfig or None, got {type(config).__name__}")
+    with torch.random.fork_rng(devices=[]):
+        gpt, tokenizer, report = movie_gpt(recipe, device=device)
+        threads = config.threads or threads_for(gpt.num_parameters())
+        fields = {k: v for k, v in asdict(config).items() if k not in ("progress", "threads")}
+        text = json.dumps({"format": FORMAT_VERSION, "base": report.key, "config": fields,
+                           "threads": threads}, sort_keys=True)
+        key = hashlib.sha256(text.encode()).hexdigest()[:16]
+        path = models_dir() / f"movie-reward-{key}.safetensors"
+        torch.manual_seed(config.seed)
+        reward_model = RewardModel(gpt, eot_id=tokenizer.special_tokens[END_OF_TEXT])
+        if path.exists() and not retrain:
+            try:
+                meta = load_checkpoint(reward_model, path)   # checks every name and shape first
+                return reward_model.eval(), RewardTrainHistory(**{**meta["history"],
+                                                                  "from_cache": True})
+            except (ValueError, KeyError, TypeError, OSError, SafetensorError):
+                pass                             # a damaged or foreign file: train again
+        train_snippets, _ = split_ratings(load_movie_ratings())
+        history = train_reward_model(reward_model, train_snippets, tokenizer, config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_checkpoint(reward_model, tmp, {"history": asdict(history)})
+    os.replace(tmp, path)                        # atomic: a reader never sees half a file
+    return reward_model, history

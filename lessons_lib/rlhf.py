@@ -327,6 +327,7 @@ class RewardTrainHistory:
     skipped_batches: int = 0                           # batches with no pair at the margin
     seconds: float = 0.0
     threads: int = 0
+    from_cache: bool = False                           # loaded by pretrained.movie_reward_model
 
 
 def _rated_texts(snippets, name: str) -> tuple[list[str], torch.Tensor]:

@@ -287,3 +287,36 @@ def test_movie_gpt_trains_caches_and_reloads_its_bpe(counted_training):
     with torch.no_grad():
         assert torch.equal(model(idx)[0], again(idx)[0])
     assert report.parameters == model.num_parameters() and model.config.vocab_size == 1024
+
+
+@pytest.mark.slow
+def test_movie_reward_model_trains_caches_and_reloads(counted_training, monkeypatch):
+    from lessons_lib import rlhf
+    from lessons_lib.pretrained import movie_gpt, movie_reward_model
+    tiny = replace(RECIPES["movies"], n_layer=1, n_embd=32, n_head=2, batch_size=4, max_steps=3,
+                   warmup_steps=1, eval_interval=3, eval_batches=2)
+    rm_calls = []
+    real = rlhf.train_reward_model
+
+    def counting(*args, **kwargs):
+        rm_calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(rlhf, "train_reward_model", counting)
+    config = rlhf.RewardTrainConfig(steps=2, batch_size=16, seed=3, progress=False)
+    movie_gpt(tiny, progress=False)              # the base model, cached first
+    torch.manual_seed(0)
+    before = torch.rand(3)
+    torch.manual_seed(0)
+    model, history = movie_reward_model(config, recipe=tiny)
+    assert torch.equal(torch.rand(3), before), "the caller's random numbers must not move"
+    again, cached = movie_reward_model(config, recipe=tiny)
+    assert len(rm_calls) == 1 and not history.from_cache and cached.from_cache
+    assert cached.loss == history.loss and cached.threads == history.threads
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]), name
+    movie_reward_model(config, recipe=tiny, retrain=True)
+    other, _ = movie_reward_model(replace(config, seed=4), recipe=tiny)
+    assert len(rm_calls) == 3
+    assert not torch.equal(other.head.weight, model.head.weight)   # the seed draws the head
+    with pytest.raises(ValueError, match="RewardTrainConfig"):
+        movie_reward_model({"steps": 2}, recipe=tiny)
