@@ -157,7 +157,7 @@ def summarise(runs: list[dict]) -> list[dict]:
     rows = {}
     for run in runs:
         for key, claim in run["claims"].items():
-            row = rows.setdefault((run["chapter"], key), {
+            row = rows.setdefault((run["chapter"], key, claim["source"]), {
                 "chapter": run["chapter"], "key": key, "source": claim["source"],
                 "op": claim["op"], "per_seed": {}})
             values = claim["values"]
