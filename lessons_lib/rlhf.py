@@ -166,7 +166,7 @@ class RewardModel(nn.Module):
             raise ValueError(f"eot_id must be a token id in 0..{trunk.config.vocab_size - 1} "
                              f"or None, got {eot_id!r}")
         self.trunk = trunk
-        self.head = nn.Linear(trunk.config.n_embd, 1)
+        self.head = nn.Linear(trunk.config.n_embd, 1, device=model_device(trunk))   # beside it
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
         self.eot_id = eot_id
@@ -574,7 +574,7 @@ class PolicyWithValue(nn.Module):
         if not isinstance(gpt, GPT):
             raise ValueError(f"gpt must be a lessons_lib.model.GPT, got {type(gpt).__name__}")
         self.gpt = gpt
-        self.value_head = nn.Linear(gpt.config.n_embd, 1)
+        self.value_head = nn.Linear(gpt.config.n_embd, 1, device=model_device(gpt))
         nn.init.zeros_(self.value_head.weight)       # every value starts at 0
         nn.init.zeros_(self.value_head.bias)
 

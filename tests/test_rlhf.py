@@ -106,6 +106,15 @@ def test_reward_model_copies_the_gpt_it_is_built_from():
     assert not torch.equal(rm.trunk.wte.weight, gpt.wte.weight)
 
 
+def test_the_heads_live_on_the_device_of_the_gpt():
+    """On a GPU the reward and value heads must sit beside the trunk ("meta" stands in for any
+    device other than the CPU: its tensors have shapes but no data)."""
+    gpt = tiny_gpt().to("meta")
+    assert RewardModel(gpt).head.weight.device.type == "meta"
+    assert PolicyWithValue(gpt).value_head.weight.device.type == "meta"
+    assert RewardModel(tiny_gpt()).head.weight.device.type == "cpu"
+
+
 # -- training a reward model on rated texts ---------------------------------------------------
 
 def all_pairs_loss_by_hand(rewards, ratings, margin):
