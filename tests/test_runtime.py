@@ -115,7 +115,7 @@ def test_runtime_describes_this_machine(monkeypatch):
     monkeypatch.delenv("LESSONS_LIB_PRECISION", raising=False)
     r = runtime("cpu")
     assert r.device == "cpu" and r.precision == ("bf16" if cpu_has_native_bf16() else "fp32")
-    assert r.threads == torch.get_num_threads() and r.cpu and r.capability
+    assert r.threads == rt.default_threads() and r.cpu and r.capability
     assert r.precision in r.describe() and r.reason in r.describe()
     monkeypatch.setenv("LESSONS_LIB_PRECISION", "bf16")
     assert runtime("cpu").bf16
