@@ -182,7 +182,7 @@ RECIPES: dict[str, Recipe] = {
     # about 6 in float32 on an AVX2 CPU); validation loss about 1.53
     "3min": Recipe(n_layer=4, max_steps=9000, lr=3e-3, warmup_steps=270, eval_interval=1500),
     # chapters 9-11's base model: 4 layers x 128 on the training snippets, 200 steps of 64 x 64
-    # tokens (FINDINGS: about 136 s on one AVX2 thread, val about 4.5 nats per token)
+    # tokens (about 136 s on one AVX2 thread, val about 4.5 nats per token)
     "movies": Recipe(corpus="movie-snippets-bpe1024", n_layer=4, batch_size=64, max_steps=200,
                      lr=3e-3, warmup_steps=6, eval_interval=100, eval_batches=10),
 }

@@ -164,9 +164,9 @@ def _frontier_inputs():
     loss = 1.5 + 20 * n ** -0.3 + 300 * d ** -0.4 + noise
     return [
         (([1e9, 2e9, 4e9, 8e9], [3.0, 2.7, 2.8, 2.5]),
-         "four runs, the third worse than the second"),
+         "four models, the third worse than the second"),
         (([8e9, 1e9, 4e9, 2e9], [2.5, 3.0, 2.4, 2.7]),
-         "four runs, not in order of compute"),
+         "four models, not in order of compute"),
         (((6 * N * D)[order].tolist(), L[order].tolist()),
          "fifteen runs like this chapter's, shuffled"),
         (((6 * n * d).numpy(), loss.numpy()),
