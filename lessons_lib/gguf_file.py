@@ -215,6 +215,12 @@ class GGUFFile:
         if arch != "llama":
             raise ValueError(f"{self.path.name} holds a {arch!r} model; this reader knows the "
                              f"'llama' architecture (its keys and its rotary layout)")
+        scaling = self.metadata(f"{arch}.rope.scaling.type", "none")
+        if scaling != "none" or "rope_freqs.weight" in self._tensors:
+            raise ValueError(f"{self.path.name} rescales RoPE's frequencies (scaling type "
+                             f"{scaling!r}, rope_freqs.weight: "
+                             f"{'rope_freqs.weight' in self._tensors}); this reader knows "
+                             f"plain RoPE only, and the model would be wrong at every position")
         tokens = self._reader.fields.get("tokenizer.ggml.tokens")     # vocab_size's fallback
         n_tokens = len(tokens.data) if tokens is not None else None
         if n_tokens is None and f"{arch}.vocab_size" not in self._reader.fields:

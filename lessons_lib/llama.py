@@ -85,7 +85,14 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, config) -> "LlamaConfig":
-        """From a transformers ``LlamaConfig``."""
+        """From a transformers ``LlamaConfig``. A checkpoint that rescales RoPE's frequencies
+        (``rope_scaling``, as Llama 3.1 and 3.2 do) is refused: this model would load it and be
+        wrong at every position."""
+        scaling = getattr(config, "rope_scaling", None) or {}
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind != "default":
+            raise ValueError(f"rope_scaling of type {kind!r} is not supported (only plain RoPE "
+                             f"with rope_theta); got rope_scaling={scaling}")
         return cls(vocab_size=config.vocab_size, n_layer=config.num_hidden_layers,
                    n_embd=config.hidden_size, n_head=config.num_attention_heads,
                    n_kv_head=config.num_key_value_heads, n_ff=config.intermediate_size,
@@ -117,7 +124,11 @@ class RMSNorm(nn.Module):
         if not isinstance(x, torch.Tensor) or x.shape[-1:] != self.weight.shape:
             raise ValueError(f"x must have shape (..., {self.weight.shape[0]}), got "
                              f"{getattr(x, 'shape', type(x).__name__)}")
-        return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight
+        # the mean of squares in float32 at least (as transformers does): in bfloat16 its
+        # 8-bit mantissa would round every row's scale
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        h = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
 
 
 class SwiGLU(nn.Module):

@@ -47,7 +47,9 @@ def test_logits_equal_transformers_on_tiny_random_configs(n_head, n_kv_head, tie
     torch.testing.assert_close(logits, expected, rtol=0, atol=LOGIT_ATOL)
     with torch.no_grad():
         hf_loss = hf(idx, labels=idx).loss     # transformers shifts the labels itself
-    assert loss is not None and hf_loss is not None    # both computed; conventions differ
+        _, shifted_loss = ours(idx[:, :-1], targets=idx[:, 1:])
+    torch.testing.assert_close(shifted_loss, hf_loss, rtol=1e-6, atol=1e-6)
+    assert not torch.isclose(loss, hf_loss)    # unshifted targets: another task entirely
     # greedy continuation: the same tokens
     with torch.no_grad():
         hf_ids = hf.generate(idx[:1, :5], max_new_tokens=8, do_sample=False,
@@ -55,7 +57,7 @@ def test_logits_equal_transformers_on_tiny_random_configs(n_head, n_kv_head, tie
     assert generate_until(ours, idx[0, :5], 8).ids == hf_ids[0, 5:].tolist()
 
 
-def write_tiny_gguf(path, hf):
+def write_tiny_gguf(path, hf, extra=None):
     """A GGUF file holding ``hf``'s weights the way llama.cpp's converter writes them: names
     of GGUF, dimensions reversed, and the q/k rows permuted into adjacent-pair order."""
     gguf = pytest.importorskip("gguf")
@@ -71,6 +73,8 @@ def write_tiny_gguf(path, hf):
     w.add_rope_freq_base(500.0)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_vocab_size(c.vocab_size)
+    for key, value in (extra or {}).items():
+        w.add_string(key, value)
     for name, t in hf.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
@@ -301,3 +305,37 @@ def test_smollm2_knows_the_capital_of_france(smol):
     assert again == answer
     with pytest.raises(ValueError, match="question"):
         chat(model, gguf, "", tokenizer=tok)
+
+
+def test_rmsnorm_computes_in_float32_like_transformers():
+    """In bfloat16 the mean of squares is taken in float32 and rounded once at the end, as
+    transformers' LlamaRMSNorm does; computing it in bfloat16 rounds every step."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    torch.manual_seed(0)
+    ours, theirs = RMSNorm(64, eps=1e-6), LlamaRMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.copy_(1 + 0.3 * torch.randn(64))
+        theirs.weight.copy_(ours.weight)
+    ours, theirs = ours.bfloat16(), theirs.bfloat16()
+    x = (torch.randn(8, 16, 64) * 30).bfloat16()
+    assert torch.equal(ours(x), theirs(x))
+    assert ours(x).dtype == torch.bfloat16
+    x64 = torch.randn(3, 64, dtype=torch.float64)     # float64 stays float64
+    expected = x64 / (x64 ** 2).mean(-1, keepdim=True).add(1e-6).sqrt() * ours.weight.double()
+    torch.testing.assert_close(ours.double()(x64), expected, rtol=0, atol=1e-12)
+
+
+def test_rope_scaling_is_refused_not_ignored(tmp_path):
+    hf = hf_llama(4, 2)
+    scaled = transformers.LlamaConfig(**{**hf.config.to_dict(), "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}})
+    with pytest.raises(ValueError, match="rope_scaling of type 'llama3'"):
+        LlamaConfig.from_hf(scaled)
+    linear = transformers.LlamaConfig(**{**hf.config.to_dict(),
+                                         "rope_scaling": {"type": "linear", "factor": 2.0}})
+    with pytest.raises(ValueError, match="'linear'"):
+        LlamaConfig.from_hf(linear)
+    write_tiny_gguf(tmp_path / "scaled.gguf", hf, {"llama.rope.scaling.type": "linear"})
+    with pytest.raises(ValueError, match="rescales RoPE"):
+        Llama.from_gguf(tmp_path / "scaled.gguf")
