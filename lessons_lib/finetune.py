@@ -457,6 +457,15 @@ def _grow_head(head: nn.Linear, vocab_size: int) -> nn.Linear:
 # -----------------------------------------------------------------------------
 # 6. LoRA: a trainable low-rank update beside a frozen Linear
 
+def _start_unmerged(layer: nn.Module) -> None:
+    """``merged`` as a Python bool (read on every forward, no device sync) and as a buffer
+    ``lora_merged`` in the state_dict, so a checkpoint saved after :meth:`merge` loads as merged
+    and the update is not applied a second time."""
+    layer.merged = False
+    layer.register_buffer("lora_merged", torch.zeros((), dtype=torch.bool,
+                                                     device=layer.lora_A.device))
+
+
 class LoRALinear(nn.Module):
     """``base(x) + scale * B(A(dropout(x)))`` with ``base`` frozen, ``scale = alpha / r``.
 
@@ -482,7 +491,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.r, self.alpha, self.scale = r, float(alpha), alpha / r
         self.dropout = nn.Dropout(dropout)
-        self.merged = False
+        _start_unmerged(self)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, scale={self.scale:g}, merged={self.merged}"
@@ -504,6 +513,7 @@ class LoRALinear(nn.Module):
             raise ValueError("this LoRA layer is merged already")
         self.base.weight += self.delta_weight()
         self.merged = True
+        self.lora_merged.fill_(True)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -512,6 +522,11 @@ class LoRALinear(nn.Module):
             raise ValueError("this LoRA layer is not merged")
         self.base.weight -= self.delta_weight()
         self.merged = False
+        self.lora_merged.fill_(False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.merged = bool(self.lora_merged)     # a merged checkpoint loads merged
 
 
 class LoRAEmbedding(nn.Module):
@@ -538,7 +553,7 @@ class LoRAEmbedding(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.num_embeddings, r, **like))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.r, self.alpha, self.scale = r, float(alpha), alpha / r
-        self.merged = False
+        _start_unmerged(self)
 
     extra_repr = LoRALinear.extra_repr
     delta_weight = LoRALinear.delta_weight
@@ -553,6 +568,7 @@ class LoRAEmbedding(nn.Module):
 
     merge = LoRALinear.merge
     unmerge = LoRALinear.unmerge
+    _load_from_state_dict = LoRALinear._load_from_state_dict
 
 
 class TiedHead(nn.Module):

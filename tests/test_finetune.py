@@ -286,6 +286,26 @@ def test_merged_equals_unmerged_and_unmerge_restores_the_weights():
         torch.testing.assert_close(model(x)[0], unmerged, atol=1e-5, rtol=1e-5)
 
 
+def test_a_merged_checkpoint_loads_merged_into_a_fresh_lora_model(tmp_path):
+    from lessons_lib.train import load_checkpoint, save_checkpoint
+    model = apply_lora(tiny_gpt(), r=4, alpha=8)
+    randomize_b(model)
+    x = torch.randint(TEMPLATE.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = merge_lora(model)(x)[0]
+    save_checkpoint(model, tmp_path / "merged.safetensors")
+    fresh = apply_lora(tiny_gpt(), r=4, alpha=8)
+    load_checkpoint(fresh, tmp_path / "merged.safetensors")
+    assert all(layer.merged for layer in lora_layers(fresh).values())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x)[0], expected, atol=1e-6, rtol=0)
+    unmerge_lora(fresh)                               # and it unmerges like the original
+    fresh.load_state_dict(unmerge_lora(model).state_dict())
+    assert not any(layer.merged for layer in lora_layers(fresh).values())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x)[0], expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.slow                   # importing peft (and transformers) takes seconds
 def test_lora_matches_peft_with_the_same_weights():
     peft = pytest.importorskip("peft")
