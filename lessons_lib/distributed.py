@@ -34,7 +34,8 @@ import torch.distributed as dist
 from .checks import positive_int
 
 __all__ = ["backend_for", "is_distributed", "rank", "world_size", "local_rank", "is_main",
-           "setup", "cleanup", "process_group", "shard", "all_reduce_mean", "free_port", "launch"]
+           "setup", "cleanup", "process_group", "shard", "all_reduce_sum", "all_reduce_mean",
+           "free_port", "launch"]
 
 
 def backend_for(device: str | torch.device) -> str:
@@ -88,7 +89,8 @@ def setup(backend: str | None = None) -> tuple[int, int]:
         raise ValueError(f"torchrun's environment is incomplete: {missing} missing; start the "
                          "script with lessons_lib.distributed.launch or torchrun")
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        from .runtime import runtime
+        backend = backend_for(runtime().device)
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend=backend)
@@ -127,15 +129,20 @@ def shard(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     return batch[rank * rows:(rank + 1) * rows]
 
 
-def all_reduce_mean(value: float | torch.Tensor) -> float:
-    """The mean of ``value`` over all ranks (the value itself with no group)."""
+def all_reduce_sum(value: float | torch.Tensor) -> float:
+    """The sum of ``value`` over all ranks (the value itself with no group)."""
     if not is_distributed():
         return float(value)
     t = torch.tensor([float(value)], dtype=torch.float64)
     if dist.get_backend() == "nccl":
         t = t.cuda()
     dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+    return t.item()
+
+
+def all_reduce_mean(value: float | torch.Tensor) -> float:
+    """The mean of ``value`` over all ranks (the value itself with no group)."""
+    return all_reduce_sum(value) / world_size()
 
 
 def free_port() -> int:

@@ -222,6 +222,12 @@ def _train_loop(model, config, device, precision, batch_fn, train_gen, val_batch
         x, y = batch_fn("train", train_gen)
         with autocast(device, precision):
             _, loss = forward(x, y)
+        if world > 1:
+            # the loss is the mean over this rank's counted targets (-100 is not counted) and
+            # DDP averages the ranks' gradients: weigh each rank by its share of the counted
+            # targets, so the step is the gradient of the mean over the whole global batch
+            counted = (y != -100).sum().item()
+            loss = loss * (counted * world / distributed.all_reduce_sum(counted))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip:

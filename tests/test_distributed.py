@@ -71,6 +71,64 @@ def test_two_processes_train_the_weights_of_one_process_on_the_combined_batch(tm
     assert max((one[k] - start[k]).abs().max().item() for k in one) > 100 * worst
 
 
+# The second half of every global batch (rank 1's rows) counts only its first 2 targets, as
+# fine-tuning does with prompt tokens (-100): the ranks count 64 and 8 targets of each batch.
+MASKED = textwrap.dedent(f"""
+    import sys
+    import torch
+    from lessons_lib import distributed
+    from lessons_lib.model import GPT, GPTConfig
+    from lessons_lib.train import TrainConfig, get_batch, save_checkpoint, train
+
+    def masked_batches(ids):
+        def batch_fn(split, generator):
+            x, y = get_batch(ids[split], 8, 16, generator, "cpu")
+            y = y.clone()
+            y[4:, 2:] = -100
+            return x, y
+        return batch_fn
+
+    def run(ids):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**{TINY!r}))
+        config = TrainConfig(max_steps={STEPS}, batch_size=8, block_size=16,
+                             warmup_steps=5, eval_interval=10, eval_batches=2,
+                             progress=False, threads=1)
+        return model, train(model, masked_batches(ids), config)
+
+    if __name__ == "__main__":
+        out = sys.argv[1]
+        with distributed.process_group() as (rank, world):
+            ids = torch.randint(0, 30, (5000,), generator=torch.Generator().manual_seed(0))
+            model, history = run({{"train": ids[:4000], "val": ids[4000:]}})
+            if rank == 0:
+                save_checkpoint(model, out, {{"loss": history.train_loss}})
+""")
+
+
+@pytest.mark.slow
+def test_with_ignored_targets_two_processes_still_follow_the_global_token_mean(tmp_path):
+    """Each rank's loss is a mean over its own counted targets; weighed by their share, the
+    two processes train what one process trains on the whole batch."""
+    import importlib.util
+    script = tmp_path / "masked.py"
+    script.write_text(MASKED)
+    out = tmp_path / "two.safetensors"
+    distributed.launch(script, 2, [out])
+    two = load_file(str(out))
+    with safe_open(str(out), framework="pt") as f:
+        meta = json.loads(f.metadata()["lessons_lib"])
+    spec = importlib.util.spec_from_file_location("masked", script)
+    masked = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(masked)
+    ids = torch.randint(0, 30, (5000,), generator=torch.Generator().manual_seed(0))
+    model, history = masked.run({"train": ids[:4000], "val": ids[4000:]})
+    one = model.state_dict()
+    worst = max((two[k] - one[k]).abs().max().item() for k in one)
+    assert worst < 1e-4
+    assert meta["loss"] == pytest.approx(history.train_loss, abs=1e-4)
+
+
 @pytest.mark.slow
 def test_a_global_batch_that_does_not_split_over_the_processes_fails_clearly(tmp_path):
     script = tmp_path / "worker.py"
