@@ -213,3 +213,33 @@ def test_clipped_keeps_the_learners_traceback():
     with pytest.raises(CheckFailed, match="raised ZeroDivisionError") as info:
         check_clipped_objective(raising)
     assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+
+# -----------------------------------------------------------------------------
+# two independent codes checked against each other: the checkers' cases on lessons_lib.rlhf
+
+
+def test_the_library_passes_the_chapters_checkers(capsys):
+    from lessons_lib import rlhf
+
+    def penalized(score, logp, ref_logp, kl_coef):
+        mask = torch.ones(1, len(logp), dtype=torch.bool)
+        rewards, _ = rlhf.kl_penalized_rewards(torch.tensor([float(score)]), logp[None],
+                                               ref_logp[None], mask, kl_coef)
+        return rewards[0]
+
+    def gae_loop(rewards, values, gamma, lam):
+        mask = torch.ones(1, len(rewards), dtype=torch.bool)
+        return rlhf.gae(rewards[None], values[None], mask, gamma, lam)[0][0]
+
+    def clipped(new_logp, old_logp, advantages, clip):
+        mask = torch.ones(1, len(new_logp), dtype=torch.bool)
+        zeros = torch.zeros(1, len(new_logp))
+        return rlhf.ppo_losses(new_logp[None], old_logp[None], advantages[None], zeros, zeros,
+                               zeros, mask, clip=clip).policy
+
+    check_bradley_terry(rlhf.bradley_terry_loss)
+    check_penalized_rewards(penalized)
+    check_gae_loop(gae_loop)
+    check_clipped_objective(clipped)
+    assert capsys.readouterr().out.count("checks passed") == 4

@@ -357,3 +357,24 @@ def test_rebuild_lines_rebuild_the_arguments(check, monkeypatch):
                 assert torch.equal(scope[name], arg), (case.description, name)
             else:
                 assert scope[name] == arg, (case.description, name)
+
+
+# -----------------------------------------------------------------------------
+# two independent codes checked against each other: the checkers' cases on lessons_lib.rlhf
+
+
+def test_the_library_passes_the_chapters_checkers(capsys):
+    from lessons_lib import rlhf
+    from lessons_lib.exercises.ch11 import check_grpo_objective, check_pass_at_k
+
+    def dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+        return rlhf.dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)[0]
+
+    def grpo(new_logp, old_logp, advantages, mask, clip):
+        return rlhf.grpo_losses(new_logp, old_logp, advantages, mask, clip=clip).loss
+
+    check_dpo_loss(dpo)
+    check_group_advantages(rlhf.group_advantages)
+    check_grpo_objective(grpo)
+    check_pass_at_k(rlhf.pass_at_k)
+    assert capsys.readouterr().out.count("checks passed") == 4
