@@ -12,7 +12,8 @@ Read top to bottom:
 2. **An RWKV-style recurrence** (Peng et al., 2023, RWKV-4's "WKV"). Each channel averages the
    past values with weights that decay by ``exp(-w)`` per step and a bonus ``u`` for the
    current token: :func:`wkv_parallel` and :func:`wkv_recurrent` (numerically stabilised the
-   way RWKV's own kernel is), and :class:`RWKVTimeMix`, the layer around it.
+   way RWKV's own kernel is), :func:`wkv_step` (one token, as in generation, from the state
+   :func:`wkv_initial_state` starts), and :class:`RWKVTimeMix`, the layer around it.
 3. **A selective state-space layer** (Gu and Dao, 2023, Mamba's "S6"). A linear recurrence
    ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t x_t``, ``y_t = C_t . h_t + D x_t`` whose step
    ``delta``, input map ``B`` and readout ``C`` depend on the input: :func:`selective_scan`
@@ -47,9 +48,10 @@ from .model import MLP, Block, LearnedPositions, next_token_loss
 
 __all__ = ["elu_feature_map", "linear_attention_parallel", "linear_attention_recurrent",
            "linear_attention_chunked", "LinearAttention", "wkv_parallel", "wkv_recurrent",
-           "RWKVTimeMix", "selective_scan", "selective_scan_parallel", "MambaMixer", "MoEMLP",
-           "load_balancing_loss", "moe_parameter_counts", "MIXERS", "MixerLM", "patchify",
-           "PatchClassifier", "saved_activation_bytes"]
+           "wkv_initial_state", "wkv_step", "RWKVTimeMix", "selective_scan",
+           "selective_scan_parallel", "MambaMixer", "MoEMLP", "load_balancing_loss",
+           "moe_parameter_counts", "MIXERS", "MixerLM", "patchify", "PatchClassifier",
+           "saved_activation_bytes"]
 
 
 def _shape(x) -> str:
@@ -234,21 +236,53 @@ def wkv_recurrent(k, v, w, u) -> torch.Tensor:
     keep ``exp`` from overflowing)."""
     _check_wkv(k, v, w, u)
     B, T, C = k.shape
-    a = k.new_zeros(B, C)
-    b = k.new_zeros(B, C)
-    p = k.new_full((B, C), -1e38)
+    state = wkv_initial_state(B, C, dtype=k.dtype, device=k.device)
     outputs = []
     for t in range(T):
-        kt, vt = k[:, t], v[:, t]
-        # output: the state plus the current token with its bonus u
-        q = torch.maximum(p, u + kt)
-        e1, e2 = torch.exp(p - q), torch.exp(u + kt - q)
-        outputs.append((e1 * a + e2 * vt) / (e1 * b + e2))
-        # update: decay the state by exp(-w), then add the current token without the bonus
-        q = torch.maximum(p - w, kt)
-        e1, e2 = torch.exp(p - w - q), torch.exp(kt - q)
-        a, b, p = e1 * a + e2 * vt, e1 * b + e2, q
+        out, state = _wkv_step(k[:, t], v[:, t], w, u, state)
+        outputs.append(out)
     return torch.stack(outputs, dim=1)
+
+
+def wkv_initial_state(batch: int, channels: int, dtype=torch.float32, device=None):
+    """The state of :func:`wkv_step` before the first token: ``(a, b, p)``, each
+    (batch, channels): empty sums and a largest exponent of ``-1e38`` (minus infinity)."""
+    positive_int("batch", batch)
+    positive_int("channels", channels)
+    zeros = torch.zeros(batch, channels, dtype=dtype, device=device)
+    return zeros, zeros.clone(), torch.full_like(zeros, -1e38)
+
+
+def _wkv_step(kt, vt, w, u, state):
+    a, b, p = state
+    # output: the state plus the current token with its bonus u
+    q = torch.maximum(p, u + kt)
+    e1, e2 = torch.exp(p - q), torch.exp(u + kt - q)
+    out = (e1 * a + e2 * vt) / (e1 * b + e2)
+    # update: decay the state by exp(-w), then add the current token without the bonus
+    q = torch.maximum(p - w, kt)
+    e1, e2 = torch.exp(p - w - q), torch.exp(kt - q)
+    return out, (e1 * a + e2 * vt, e1 * b + e2, q)
+
+
+def wkv_step(k, v, w, u, state):
+    """One token of :func:`wkv_recurrent`, the way RWKV generates text: ``k, v`` (batch, C)
+    are the new token's, ``state`` is ``(a, b, p)`` from :func:`wkv_initial_state` or the
+    previous step. Returns ``(output (batch, C), new state)``. The state has the same size
+    after any number of tokens, so each step costs the same however long the text so far."""
+    _float_tensor("k", k, 2, "(batch, channels)")
+    _float_tensor("v", v, 2, "(batch, channels)")
+    if v.shape != k.shape:
+        raise ValueError(f"k and v must have the same shape, got {_shape(k)} and {_shape(v)}")
+    if (not isinstance(state, (tuple, list)) or len(state) != 3
+            or any(not isinstance(s, torch.Tensor) or s.shape != k.shape for s in state)):
+        raise ValueError(f"state must be three tensors (a, b, p) of shape {_shape(k)}, as "
+                         "wkv_initial_state makes them")
+    C = k.shape[-1]
+    for name, p in (("w", w), ("u", u)):
+        if not isinstance(p, torch.Tensor) or p.shape != (C,):
+            raise ValueError(f"{name} must be a tensor of shape (channels,) = ({C},), got {_shape(p)}")
+    return _wkv_step(k, v, w, u, state)
 
 
 class RWKVTimeMix(nn.Module):

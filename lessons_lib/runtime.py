@@ -295,9 +295,11 @@ def one_thread():
 # -----------------------------------------------------------------------------
 # 4. timings that hold on a busy machine
 
-def time_interleaved(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
+def time_interleaved(fns: dict, repeats: int = 5, warmup: int = 1, number: int = 1) -> dict:
     """The best (shortest) wall time in seconds of each function in ``fns`` (name -> callable
     with no arguments), measured in ``repeats`` interleaved rounds: a, b, c, a, b, c, ...
+    Each round calls every function ``number`` times in a row and the time is per call, for
+    steps too short to time one by one (one generated token), as ``timeit``'s ``number``.
 
     Interleaving makes a slow spell on the machine (another program, a frequency change) hit
     every function alike instead of one of them; the shortest of several calls is the best
@@ -312,6 +314,7 @@ def time_interleaved(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
         raise ValueError("'spread' is the name of the result's spread entry; rename that function")
     positive_int("repeats", repeats)
     non_negative_int("warmup", warmup)
+    positive_int("number", number)
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         for fn in fns.values():
@@ -321,9 +324,10 @@ def time_interleaved(fns: dict, repeats: int = 5, warmup: int = 1) -> dict:
         for name, fn in fns.items():
             sync()
             start = time.perf_counter()
-            fn()
+            for _ in range(number):
+                fn()
             sync()
-            times[name].append(time.perf_counter() - start)
+            times[name].append((time.perf_counter() - start) / number)
     best = {name: min(t) for name, t in times.items()}
     best["spread"] = {name: max(t) / min(t) for name, t in times.items()}
     return best

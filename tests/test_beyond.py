@@ -12,8 +12,8 @@ from lessons_lib.beyond import (MIXERS, LinearAttention, MambaMixer, MixerLM, Mo
                                 linear_attention_chunked, linear_attention_parallel,
                                 linear_attention_recurrent, load_balancing_loss,
                                 moe_parameter_counts, patchify, saved_activation_bytes,
-                                selective_scan, selective_scan_parallel, wkv_parallel,
-                                wkv_recurrent)
+                                selective_scan, selective_scan_parallel, wkv_initial_state,
+                                wkv_parallel, wkv_recurrent, wkv_step)
 from lessons_lib.model import MLP
 
 
@@ -157,6 +157,38 @@ def test_wkv_recurrent_is_stable_for_large_keys():
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, wkv_parallel(k, v, w, u))
     torch.testing.assert_close(got, reference_wkv(k - 200, v, w, u))   # shift-invariant
+
+
+def test_wkv_step_by_step_is_wkv_recurrent_with_a_fixed_size_state():
+    k, v = torch.randn(2, 3, 7, 5, generator=gen(12)).unbind(0)
+    w, u = torch.rand(5, generator=gen(13)), torch.randn(5, generator=gen(14))
+    state = wkv_initial_state(3, 5)
+    outputs = []
+    for t in range(7):
+        out, state = wkv_step(k[:, t], v[:, t], w, u, state)
+        assert [s.shape for s in state] == [(3, 5)] * 3
+        outputs.append(out)
+    assert torch.equal(torch.stack(outputs, dim=1), wkv_recurrent(k, v, w, u))
+    a, b, p = wkv_initial_state(2, 4, dtype=torch.float64)
+    assert a.dtype == torch.float64 and not a.any() and not b.any() and (p == -1e38).all()
+
+
+def test_wkv_step_bad_input():
+    k = torch.randn(2, 3)
+    w, u = torch.ones(3), torch.zeros(3)
+    state = wkv_initial_state(2, 3)
+    with pytest.raises(ValueError, match="k must be"):
+        wkv_step(k[0], k[0], w, u, state)
+    with pytest.raises(ValueError, match="same shape"):
+        wkv_step(k, k[:1], w, u, state)
+    with pytest.raises(ValueError, match="state must be"):
+        wkv_step(k, k, w, u, state[:2])
+    with pytest.raises(ValueError, match="state must be"):
+        wkv_step(k, k, w, u, wkv_initial_state(1, 3))
+    with pytest.raises(ValueError, match="u must be"):
+        wkv_step(k, k, w, torch.zeros(4), state)
+    with pytest.raises(ValueError, match="batch"):
+        wkv_initial_state(0, 3)
 
 
 def test_wkv_bad_input():

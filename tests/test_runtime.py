@@ -165,6 +165,21 @@ def test_time_interleaved_sees_which_is_slower(monkeypatch):
     assert result["spread"] == pytest.approx({"fast": 3.0, "slow": 4.0})
 
 
+def test_time_interleaved_times_number_calls_in_a_row_per_call(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(rt.time, "perf_counter", lambda: clock[0])
+    calls = []
+
+    def step():                      # 1 ms a call, and a 40 ms hiccup in the second round
+        calls.append(1)
+        clock[0] += 0.041 if len(calls) == 1 + 10 + 5 else 0.001
+
+    result = rt.time_interleaved({"step": step}, repeats=3, number=10)
+    assert len(calls) == 1 + 3 * 10                  # one warm-up call, then 3 rounds of 10
+    assert result["step"] == pytest.approx(1e-3)     # per call, in the best round
+    assert result["spread"]["step"] == pytest.approx(5.0)    # (10 + 40) / 10 ms
+
+
 def test_time_interleaved_sees_a_real_sleep():
     import time
     result = rt.time_interleaved({"fast": lambda: None, "slow": lambda: time.sleep(0.01)}, repeats=3)
@@ -178,6 +193,8 @@ def test_time_interleaved_refuses_bad_input():
         rt.time_interleaved({"a": 3})
     with pytest.raises(ValueError, match="repeats"):
         rt.time_interleaved({"a": lambda: None}, repeats=0)
+    with pytest.raises(ValueError, match="number"):
+        rt.time_interleaved({"a": lambda: None}, number=0)
     with pytest.raises(ValueError, match="spread"):
         rt.time_interleaved({"spread": lambda: None})
 
