@@ -86,13 +86,15 @@ def token_ids(ids, name: str = "idx", *, ndim: int | None = 2, shape: str = "(ba
 
     ``ndim``: the number of dimensions it must have (None: any), described as ``shape`` in the
     message, e.g. "(batch, T)" or "1-D". Any integer dtype passes (uint8 ... int64); bool, float
-    and complex do not. With ``vocab_size`` every id must lie in ``0 .. vocab_size - 1``.
+    and complex do not. With ``vocab_size`` every id must lie in ``0 .. vocab_size - 1``: checked
+    for ids on the CPU only, where reading them is free. On a GPU the check would wait for the
+    device on every forward pass; there an id out of range stops the embedding lookup instead.
     """
     if not isinstance(ids, torch.Tensor) or (ndim is not None and ids.dim() != ndim):
         raise ValueError(f"{name} must be a {shape} tensor of token ids, got {_describe(ids)}")
     if not is_integer_dtype(ids.dtype):
         raise ValueError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
-    if vocab_size is not None and ids.numel():
+    if vocab_size is not None and ids.numel() and ids.device.type == "cpu":
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"{name} must lie in 0..{vocab_size - 1}, got ids from {lo} to {hi}")

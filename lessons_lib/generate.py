@@ -52,7 +52,9 @@ def _check_logits(logits) -> None:
         raise ValueError("logits must be a floating-point tensor of shape (..., vocab_size), got "
                          + (f"dtype {logits.dtype}, shape {tuple(logits.shape)}"
                             if isinstance(logits, torch.Tensor) else type(logits).__name__))
-    if torch.isnan(logits).any() or torch.isposinf(logits).any():
+    # the values are read on the CPU only: on a GPU this would wait for the device at every
+    # sampled token (there torch.multinomial refuses NaN and inf itself)
+    if logits.device.type == "cpu" and (torch.isnan(logits).any() or torch.isposinf(logits).any()):
         raise ValueError("logits hold NaN or +inf: no distribution can be made of them "
                          "(-inf is fine: it marks a token that cannot be chosen)")
 

@@ -72,6 +72,24 @@ def test_token_ids_shape_and_range_messages():
     token_ids(torch.zeros(2, 0, dtype=torch.long), vocab_size=1)
 
 
+def test_token_ids_never_read_values_off_the_cpu():
+    """A range check reads every id: on a GPU that waits for the device at every forward pass.
+    Ids off the CPU (here on the meta device, which holds no values) get the shape and dtype
+    checks only."""
+    from lessons_lib.checks import token_ids
+    ids = torch.zeros(2, 5, dtype=torch.long, device="meta")
+    assert token_ids(ids, vocab_size=3) is ids
+    with pytest.raises(ValueError, match="integer token ids"):
+        token_ids(torch.zeros(2, 5, device="meta"), vocab_size=3)
+
+
+def test_sampling_never_reads_logits_off_the_cpu():
+    from lessons_lib.generate import _check_logits
+    _check_logits(torch.zeros(2, 7, device="meta"))          # no values read, nothing raised
+    with pytest.raises(ValueError, match="NaN"):
+        _check_logits(torch.tensor([[0.0, float("nan")]]))
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_eval_mode_restores_the_mode_even_after_an_error(training):
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)).train(training)
