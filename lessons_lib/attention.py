@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import positive_int
+from .checks import is_int, non_negative_int, positive_int
 
 __all__ = [
     "attention_with_weights",
@@ -204,8 +204,7 @@ def rope_tables(T: int, head_dim: int, start: int = 0, base: float = 10000.0,
     positive_int("head_dim", head_dim)
     if head_dim % 2:
         raise ValueError(f"head_dim must be even (RoPE turns pairs of features), got {head_dim}")
-    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-        raise ValueError(f"start must be an int >= 0, got {start!r}")
+    non_negative_int("start", start)
     if not base > 0:
         raise ValueError(f"base must be positive, got {base}")
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
@@ -272,8 +271,9 @@ def alibi_bias(n_heads: int, T_q: int, T_k: int | None = None, start: int | None
     positive_int("T_q", T_q)
     T_k = T_q if T_k is None else positive_int("T_k", T_k)
     start = T_k - T_q if start is None else start
-    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
-        raise ValueError(f"start must be an int >= 0 (and T_k >= T_q by default), got {start!r}")
+    if not is_int(start) or start < 0:
+        raise ValueError(f"start must be a non-negative int (and T_k >= T_q by default), got "
+                         f"{start!r}")
     q_pos = torch.arange(start, start + T_q, device=device, dtype=torch.float32)
     k_pos = torch.arange(T_k, device=device, dtype=torch.float32)
     distance = q_pos[:, None] - k_pos[None, :]                               # (T_q, T_k)

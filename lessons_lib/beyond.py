@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import MultiHeadAttention
-from .checks import positive_int, token_ids
+from .checks import float_tensor, positive_int, shape_of, token_ids
 from .model import MLP, Block, LearnedPositions, next_token_loss
 
 __all__ = ["elu_feature_map", "linear_attention_parallel", "linear_attention_recurrent",
@@ -52,18 +52,6 @@ __all__ = ["elu_feature_map", "linear_attention_parallel", "linear_attention_rec
            "selective_scan_parallel", "MambaMixer", "MoEMLP", "load_balancing_loss",
            "moe_parameter_counts", "MIXERS", "MixerLM", "patchify", "PatchClassifier",
            "saved_activation_bytes"]
-
-
-def _shape(x) -> str:
-    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
-
-
-def _float_tensor(name: str, x, ndim: int, shape: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or x.dim() != ndim:
-        raise ValueError(f"{name} must be a {shape} tensor, got {_shape(x)}")
-    if not x.dtype.is_floating_point:
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    return x
 
 
 # -----------------------------------------------------------------------------
@@ -76,18 +64,18 @@ def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_qkv(q, k, v, key_mask):
-    _float_tensor("q", q, 4, "(batch, heads, T, head_dim)")
-    _float_tensor("k", k, 4, "(batch, heads, T, head_dim)")
-    _float_tensor("v", v, 4, "(batch, heads, T, value_dim)")
+    float_tensor("q", q, 4, "(batch, heads, T, head_dim)")
+    float_tensor("k", k, 4, "(batch, heads, T, head_dim)")
+    float_tensor("v", v, 4, "(batch, heads, T, value_dim)")
     if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"q and k must have the same shape and v the same (batch, heads, T), got "
-                         f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)}")
+                         f"q {shape_of(q)}, k {shape_of(k)}, v {shape_of(v)}")
     if key_mask is not None:
         if (not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool
                 or key_mask.shape != (q.shape[0], q.shape[2])):
             raise ValueError(f"key_mask must be a bool tensor of shape (batch, T) = "
                              f"{(q.shape[0], q.shape[2])}, True where a key may be attended to, "
-                             f"got {_shape(key_mask)}")
+                             f"got {shape_of(key_mask)}")
 
 
 def _features(q, k, key_mask):
@@ -176,9 +164,9 @@ class LinearAttention(nn.Module):
         self.c_proj = nn.Linear(d_model, d_model)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        _float_tensor("x", x, 3, f"(batch, T, d_model={self.d_model})")
+        float_tensor("x", x, 3, f"(batch, T, d_model={self.d_model})")
         if x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have shape (batch, T, {self.d_model}), got {_shape(x)}")
+            raise ValueError(f"x must have shape (batch, T, {self.d_model}), got {shape_of(x)}")
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in self.c_attn(x).split(C, dim=-1))
@@ -195,14 +183,14 @@ class LinearAttention(nn.Module):
 # 2. an RWKV-style recurrence
 
 def _check_wkv(k, v, w, u):
-    _float_tensor("k", k, 3, "(batch, T, channels)")
-    _float_tensor("v", v, 3, "(batch, T, channels)")
+    float_tensor("k", k, 3, "(batch, T, channels)")
+    float_tensor("v", v, 3, "(batch, T, channels)")
     if v.shape != k.shape:
-        raise ValueError(f"k and v must have the same shape, got {_shape(k)} and {_shape(v)}")
+        raise ValueError(f"k and v must have the same shape, got {shape_of(k)} and {shape_of(v)}")
     C = k.shape[-1]
     for name, p in (("w", w), ("u", u)):
         if not isinstance(p, torch.Tensor) or p.shape != (C,):
-            raise ValueError(f"{name} must be a tensor of shape (channels,) = ({C},), got {_shape(p)}")
+            raise ValueError(f"{name} must be a tensor of shape (channels,) = ({C},), got {shape_of(p)}")
     if (w < 0).any():
         raise ValueError("w is a decay rate per step and must be >= 0 (weights shrink by exp(-w))")
 
@@ -270,18 +258,18 @@ def wkv_step(k, v, w, u, state):
     are the new token's, ``state`` is ``(a, b, p)`` from :func:`wkv_initial_state` or the
     previous step. Returns ``(output (batch, C), new state)``. The state has the same size
     after any number of tokens, so each step costs the same however long the text so far."""
-    _float_tensor("k", k, 2, "(batch, channels)")
-    _float_tensor("v", v, 2, "(batch, channels)")
+    float_tensor("k", k, 2, "(batch, channels)")
+    float_tensor("v", v, 2, "(batch, channels)")
     if v.shape != k.shape:
-        raise ValueError(f"k and v must have the same shape, got {_shape(k)} and {_shape(v)}")
+        raise ValueError(f"k and v must have the same shape, got {shape_of(k)} and {shape_of(v)}")
     if (not isinstance(state, (tuple, list)) or len(state) != 3
             or any(not isinstance(s, torch.Tensor) or s.shape != k.shape for s in state)):
-        raise ValueError(f"state must be three tensors (a, b, p) of shape {_shape(k)}, as "
+        raise ValueError(f"state must be three tensors (a, b, p) of shape {shape_of(k)}, as "
                          "wkv_initial_state makes them")
     C = k.shape[-1]
     for name, p in (("w", w), ("u", u)):
         if not isinstance(p, torch.Tensor) or p.shape != (C,):
-            raise ValueError(f"{name} must be a tensor of shape (channels,) = ({C},), got {_shape(p)}")
+            raise ValueError(f"{name} must be a tensor of shape (channels,) = ({C},), got {shape_of(p)}")
     return _wkv_step(k, v, w, u, state)
 
 
@@ -312,9 +300,9 @@ class RWKVTimeMix(nn.Module):
         self.output = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _float_tensor("x", x, 3, f"(batch, T, d_model={self.d_model})")
+        float_tensor("x", x, 3, f"(batch, T, d_model={self.d_model})")
         if x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have shape (batch, T, {self.d_model}), got {_shape(x)}")
+            raise ValueError(f"x must have shape (batch, T, {self.d_model}), got {shape_of(x)}")
         previous = F.pad(x, (0, 0, 1, -1))                  # x shifted one step to the right
         k = self.key(x * self.mix_k + previous * (1 - self.mix_k))
         v = self.value(x * self.mix_v + previous * (1 - self.mix_v))
@@ -328,19 +316,19 @@ class RWKVTimeMix(nn.Module):
 # 3. a selective state-space layer (Mamba's S6)
 
 def _check_scan(x, delta, A, B, C, D):
-    _float_tensor("x", x, 3, "(batch, T, channels)")
-    _float_tensor("delta", delta, 3, "(batch, T, channels)")
-    _float_tensor("B", B, 3, "(batch, T, state)")
-    _float_tensor("C", C, 3, "(batch, T, state)")
-    _float_tensor("A", A, 2, "(channels, state)")
+    float_tensor("x", x, 3, "(batch, T, channels)")
+    float_tensor("delta", delta, 3, "(batch, T, channels)")
+    float_tensor("B", B, 3, "(batch, T, state)")
+    float_tensor("C", C, 3, "(batch, T, state)")
+    float_tensor("A", A, 2, "(channels, state)")
     b, T, ch = x.shape
     n = A.shape[1]
     if delta.shape != x.shape or A.shape[0] != ch or B.shape != (b, T, n) or C.shape != (b, T, n):
         raise ValueError(f"shapes do not fit: x and delta (batch, T, channels), A (channels, state),"
-                         f" B and C (batch, T, state); got x {_shape(x)}, delta {_shape(delta)}, "
-                         f"A {_shape(A)}, B {_shape(B)}, C {_shape(C)}")
+                         f" B and C (batch, T, state); got x {shape_of(x)}, delta {shape_of(delta)}, "
+                         f"A {shape_of(A)}, B {shape_of(B)}, C {shape_of(C)}")
     if D is not None and (not isinstance(D, torch.Tensor) or D.shape != (ch,)):
-        raise ValueError(f"D must be None or a tensor of shape (channels,) = ({ch},), got {_shape(D)}")
+        raise ValueError(f"D must be None or a tensor of shape (channels,) = ({ch},), got {shape_of(D)}")
     if (delta < 0).any():
         raise ValueError("delta is a step size and must be >= 0 (Mamba makes it with softplus)")
 
@@ -431,9 +419,9 @@ class MambaMixer(nn.Module):
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _float_tensor("x", x, 3, f"(batch, T, d_model={self.d_model})")
+        float_tensor("x", x, 3, f"(batch, T, d_model={self.d_model})")
         if x.shape[-1] != self.d_model:
-            raise ValueError(f"x must have shape (batch, T, {self.d_model}), got {_shape(x)}")
+            raise ValueError(f"x must have shape (batch, T, {self.d_model}), got {shape_of(x)}")
         T = x.shape[1]
         u, gate = self.in_proj(x).chunk(2, dim=-1)
         u = F.silu(self.conv(u.transpose(1, 2))[..., :T].transpose(1, 2))  # causal: cut the tail
@@ -460,13 +448,13 @@ def load_balancing_loss(router_probs: torch.Tensor, expert_index: torch.Tensor,
     carries the gradient). It is 1 when both are uniform and grows as the load concentrates.
     """
     positive_int("n_experts", n_experts)
-    _float_tensor("router_probs", router_probs, 2, f"(tokens, n_experts={n_experts})")
+    float_tensor("router_probs", router_probs, 2, f"(tokens, n_experts={n_experts})")
     if router_probs.shape[1] != n_experts:
-        raise ValueError(f"router_probs must have {n_experts} columns, got {_shape(router_probs)}")
+        raise ValueError(f"router_probs must have {n_experts} columns, got {shape_of(router_probs)}")
     if (not isinstance(expert_index, torch.Tensor) or expert_index.dim() != 2
             or expert_index.shape[0] != router_probs.shape[0] or expert_index.dtype.is_floating_point):
         raise ValueError(f"expert_index must be an integer tensor (tokens, k) with "
-                         f"{router_probs.shape[0]} rows, got {_shape(expert_index)}")
+                         f"{router_probs.shape[0]} rows, got {shape_of(expert_index)}")
     if router_probs.shape[0] == 0:
         raise ValueError("load_balancing_loss needs at least one token")
     counts = torch.bincount(expert_index.reshape(-1), minlength=n_experts).to(router_probs.dtype)
@@ -505,13 +493,13 @@ class MoEMLP(nn.Module):
         self.load = torch.full((n_experts,), 1.0 / n_experts)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        _float_tensor("x", x, 3, f"(batch, T, n_embd={self.n_embd})")
+        float_tensor("x", x, 3, f"(batch, T, n_embd={self.n_embd})")
         if x.shape[-1] != self.n_embd:
-            raise ValueError(f"x must have shape (batch, T, {self.n_embd}), got {_shape(x)}")
+            raise ValueError(f"x must have shape (batch, T, {self.n_embd}), got {shape_of(x)}")
         if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
                                  or mask.shape != x.shape[:2]):
             raise ValueError(f"mask must be a bool tensor of shape (batch, T) = {tuple(x.shape[:2])}, "
-                             f"got {_shape(mask)}")
+                             f"got {shape_of(mask)}")
         tokens = x.reshape(-1, self.n_embd)
         keep = (torch.arange(tokens.shape[0], device=x.device) if mask is None
                 else mask.reshape(-1).nonzero().squeeze(1))
@@ -650,7 +638,7 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     ``patch x patch`` squares, row by row: (batch, n_patches, channels * patch * patch),
     each patch flattened channel by channel, then row by row (ViT's order)."""
     if not isinstance(images, torch.Tensor) or images.dim() not in (3, 4):
-        raise ValueError(f"images must be (batch, H, W) or (batch, channels, H, W), got {_shape(images)}")
+        raise ValueError(f"images must be (batch, H, W) or (batch, channels, H, W), got {shape_of(images)}")
     positive_int("patch", patch)
     if images.dim() == 3:
         images = images[:, None]
@@ -693,7 +681,7 @@ class PatchClassifier(nn.Module):
         if not ok:
             raise ValueError(f"images must be (batch, {self.channels}, {size}, {size})"
                              + (f" or (batch, {size}, {size})" if self.channels == 1 else "")
-                             + f", got {_shape(images)}")
+                             + f", got {shape_of(images)}")
         x = self.embed(patchify(images.float(), self.patch))
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
         for block in self.blocks:

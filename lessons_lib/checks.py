@@ -80,6 +80,23 @@ def _describe(x) -> str:
     return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
+def shape_of(x) -> str:
+    """A tensor's shape as ``(2, 3)``, or the type's name of anything else, for messages."""
+    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def float_tensor(name: str, x, ndim: int | None = None, shape: str | None = None) -> torch.Tensor:
+    """Check that ``x`` is a floating-point tensor (with ``ndim`` dimensions, described as
+    ``shape`` in the message, e.g. "(batch, T, channels)") and return it unchanged."""
+    if not isinstance(x, torch.Tensor) or (ndim is not None and x.dim() != ndim):
+        want = (f"a {shape} tensor" if shape else "a floating-point tensor"
+                + (f" with {ndim} dimension(s)" if ndim is not None else ""))
+        raise ValueError(f"{name} must be {want}, got {_describe(x)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
 def token_ids(ids, name: str = "idx", *, ndim: int | None = 2, shape: str = "(batch, T)",
               vocab_size: int | None = None) -> torch.Tensor:
     """Check that ``ids`` is a tensor of token ids and return it unchanged.

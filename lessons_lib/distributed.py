@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from .checks import positive_int
+from .checks import is_int, positive_int
 
 __all__ = ["backend_for", "is_distributed", "rank", "world_size", "local_rank", "is_main",
            "setup", "cleanup", "process_group", "shard", "all_reduce_sum", "all_reduce_mean",
@@ -118,7 +118,7 @@ def shard(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """Rank ``rank``'s rows of a global ``batch``: rows ``rank * n`` to ``(rank + 1) * n`` with
     ``n = len(batch) // world_size``. Every rank gets as many rows, or a ValueError."""
     positive_int("world_size", world_size)
-    if not isinstance(rank, int) or not 0 <= rank < world_size:
+    if not is_int(rank) or not 0 <= rank < world_size:
         raise ValueError(f"rank must be an integer in [0, {world_size}), got {rank!r}")
     if not isinstance(batch, torch.Tensor) or batch.dim() == 0:
         raise ValueError("batch must be a tensor with a batch dimension first")

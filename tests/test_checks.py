@@ -121,3 +121,18 @@ def test_number_in_returns_a_float_inside():
     assert number_in("p", 0, low=0.0, high=1.0) == 0.0 and isinstance(number_in("p", 1, 0, 1), float)
     assert number_in("p", 0.999, 0.0, 1.0, high_open=True) == 0.999
     assert number_in("p", -3.5) == -3.5
+
+
+def test_float_tensor_names_what_it_expected_and_what_came():
+    from lessons_lib.checks import float_tensor, shape_of
+    x = torch.zeros(2, 3)
+    assert float_tensor("x", x, 2) is x and float_tensor("x", x) is x
+    with pytest.raises(ValueError, match=r"x must be a \(batch, T, C\) tensor, got shape \(2, 3\)"):
+        float_tensor("x", x, 3, "(batch, T, C)")
+    with pytest.raises(ValueError, match=r"with 1 dimension\(s\), got shape \(2, 3\)"):
+        float_tensor("x", x, 1)
+    with pytest.raises(ValueError, match="got dtype torch.int64"):
+        float_tensor("x", torch.zeros(2, 3, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="got list"):
+        float_tensor("x", [1.0])
+    assert shape_of(x) == "(2, 3)" and shape_of(3) == "int"
