@@ -1,6 +1,6 @@
 """Do the chapters' checks hold on every seed? Run chapters on several seeds and see.
 
-A chapter whose first code cell sets ``SEED = 0`` feeds that seed to everything it trains.
+A chapter whose first code cell sets ``SEED = <int>`` feeds that seed to everything it trains.
 This script executes such a chapter once per seed (with nbclient, as Jupyter would), after
 rewriting every ``assert`` of its hidden check cells (tag ``remove-input``) into a call that
 *records* both sides of each comparison instead of stopping the notebook. Then it prints, for
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SEED_LINE = re.compile(r"^SEED = 0(?=\s*(#.*)?$)", re.MULTILINE)
+SEED_LINE = re.compile(r"^SEED = \d+(?=\s*(#.*)?$)", re.MULTILINE)
 OPS = {ast.Gt: ">", ast.GtE: ">=", ast.Lt: "<", ast.LtE: "<="}
 FLIPPED = {">": "<", ">=": "<=", "<": ">", "<=": ">="}
 
@@ -106,7 +106,7 @@ def instrument(nb, seed: int, out: Path):
 
     code = [c for c in nb.cells if c.cell_type == "code"]
     if not code or not SEED_LINE.search(code[0].source):
-        raise ValueError("the chapter's first code cell must set `SEED = 0` on a line of its own "
+        raise ValueError("the chapter's first code cell must set `SEED = <int>` on a line of its own "
                          "(and use SEED for everything it trains); this one does not")
     code[0].source = SEED_LINE.sub(f"SEED = {seed}", code[0].source)
     for i, cell in enumerate(nb.cells):
@@ -115,10 +115,13 @@ def instrument(nb, seed: int, out: Path):
         tree = ast.fix_missing_locations(_AssertRecorder(i, cell.source).visit(ast.parse(cell.source)))
         cell.source = ast.unparse(tree)
     nb.cells.insert(0, nbformat.v4.new_code_cell(RECORDER))
+    # `times` is the chapters' dict of step -> seconds; a chapter may use the name otherwise
     nb.cells.append(nbformat.v4.new_code_cell(
+        "_times = globals().get('times', {})\n"
+        "_times = {k: float(v) for k, v in (_times.items() if isinstance(_times, dict) else ())\n"
+        "          if isinstance(v, (int, float))}\n"
         f"with open({str(out)!r}, 'w') as _f:\n"
-        "    _json.dump({'claims': _claims, 'times': {k: float(v) for k, v in\n"
-        "                globals().get('times', {}).items()}}, _f)"))
+        "    _json.dump({'claims': _claims, 'times': _times}, _f)"))
     return nb
 
 
