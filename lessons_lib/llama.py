@@ -14,7 +14,7 @@ Read top to bottom:
    the blocks, a final RMSNorm and the head, tied to the embeddings if the config says so.
    :meth:`Llama.from_gguf` loads a GGUF file (SmolLM2's), :meth:`Llama.from_hf_state_dict`
    a Hugging Face ``LlamaForCausalLM`` state dict.
-6. :class:`LlamaKVCache` and :func:`generate_until` -- greedy decoding with (or without) the
+6. :func:`generate_until` -- greedy decoding with (or without) the
    key/value cache, stopping at an end token; :func:`chat` -- one question through the chat
    template, one answer back.
 
@@ -36,8 +36,7 @@ from .attention import MultiHeadAttention
 from .checks import positive_int, token_ids
 from .model import KVCache, next_token_loss, num_parameters
 
-__all__ = ["LlamaConfig", "RMSNorm", "SwiGLU", "LlamaBlock", "Llama", "LlamaKVCache",
-           "generate_until", "chat", "GenerationResult"]
+__all__ = ["LlamaConfig", "RMSNorm", "SwiGLU", "LlamaBlock", "Llama", "generate_until", "chat", "GenerationResult"]
 
 
 # -----------------------------------------------------------------------------
@@ -170,27 +169,6 @@ class LlamaBlock(nn.Module):
 # -----------------------------------------------------------------------------
 # 5. the model
 
-class LlamaKVCache(KVCache):
-    """:class:`lessons_lib.model.KVCache` for grouped-query attention: it holds the n_kv_head
-    key/value heads only, (n_layer, batch, n_kv_head, max_len, head_dim) per tensor."""
-
-    def __init__(self, config: LlamaConfig, batch_size: int, max_len: int | None = None,
-                 device=None, dtype=torch.float32):
-        positive_int("batch_size", batch_size)
-        max_len = config.block_size if max_len is None else positive_int("max_len", max_len)
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.batch_size = batch_size
-        self.max_len = max_len
-        self._pos = 0
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the keys and values of every layer take."""
-        return self.k.nbytes + self.v.nbytes
-
-
 class Llama(nn.Module):
     """A Llama-architecture language model (Llama 2/3, SmolLM2, Mistral without sliding window)."""
 
@@ -216,12 +194,12 @@ class Llama(nn.Module):
         """Parameters counted once each (the tied embedding once)."""
         return num_parameters(self)
 
-    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> LlamaKVCache:
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.tok_emb.weight
-        return LlamaKVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: LlamaKVCache | None = None):
+                kv_cache: KVCache | None = None):
         """``idx`` (batch, T) token ids -> ``(logits (batch, T, vocab), loss)``; with
         ``kv_cache`` the tokens continue the cached sequence at ``kv_cache.pos``."""
         token_ids(idx, "idx")
@@ -336,7 +314,7 @@ def generate_until(model: Llama, prompt_ids, max_new_tokens: int, stop_ids=(),
     ``stop_ids`` comes (not kept) or ``max_new_tokens`` are written.
 
     With ``use_cache`` the prompt runs once and each new token is one position through the
-    model (its keys and values appended to a :class:`LlamaKVCache`); without, every step runs
+    model (its keys and values appended to a :class:`KVCache`); without, every step runs
     the whole sequence again."""
     if not isinstance(model, Llama):
         raise ValueError(f"model must be a Llama, got {type(model).__name__}")

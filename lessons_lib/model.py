@@ -275,7 +275,9 @@ def count_parameters(config: GPTConfig, split: bool = False):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: (n_layer, batch, n_head, max_len, head_dim).
+    """Preallocated keys and values for every layer: (n_layer, batch, n_kv_head, max_len,
+    head_dim), with ``n_kv_head = config.n_kv_head`` for grouped-query attention (Llama) and
+    ``config.n_head`` where every query head has its own keys and values (GPT).
 
     The cache owns its position: ``pos`` (read-only) is how many positions are filled. A model
     calls :meth:`start` before a forward pass (it checks that the batch is the one the cache was
@@ -288,12 +290,18 @@ class KVCache:
         positive_int("batch_size", batch_size)
         max_len = config.block_size if max_len is None else positive_int("max_len", max_len)
         head_dim = config.n_embd // config.n_head
-        shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
+        n_kv_head = getattr(config, "n_kv_head", config.n_head)
+        shape = (config.n_layer, batch_size, n_kv_head, max_len, head_dim)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.batch_size = batch_size
         self.max_len = max_len
         self._pos = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the keys and values of every layer take."""
+        return self.k.nbytes + self.v.nbytes
 
     @property
     def pos(self) -> int:

@@ -160,10 +160,11 @@ def test_kv_cache_bytes_accepts_a_correct_answer(capsys):
 
 
 def test_kv_cache_bytes_agrees_with_the_library_cache():
-    from lessons_lib.llama import LlamaConfig, LlamaKVCache
+    from lessons_lib.llama import LlamaConfig
+    from lessons_lib.model import KVCache
     config = LlamaConfig(vocab_size=10, n_layer=3, n_embd=32, n_head=4, n_kv_head=2, n_ff=8,
                          block_size=16)
-    cache = LlamaKVCache(config, batch_size=1, max_len=16)
+    cache = KVCache(config, batch_size=1, max_len=16)
     assert cache.nbytes == kv_bytes_right(3, 4, 2, 8, 16, 4)
 
 

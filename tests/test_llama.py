@@ -9,7 +9,8 @@ from lessons_lib import gguf_file as G
 from lessons_lib.attention import (MultiHeadAttention, apply_rope, repeat_kv_heads,
                                    rope_tables)
 from lessons_lib.generate import generate
-from lessons_lib.llama import (Llama, LlamaConfig, LlamaKVCache, RMSNorm, SwiGLU, chat,
+from lessons_lib.model import KVCache
+from lessons_lib.llama import (Llama, LlamaConfig, RMSNorm, SwiGLU, chat,
                                generate_until)
 
 transformers = pytest.importorskip("transformers")
@@ -147,7 +148,7 @@ def test_kv_cache_equals_the_full_forward():
     with torch.no_grad():
         full, _ = model(idx)
         cache = model.new_kv_cache(2, max_len=24)
-        assert isinstance(cache, LlamaKVCache)
+        assert isinstance(cache, KVCache)
         assert cache.k.shape == (2, 2, 2, 24, 8)              # only the 2 kv heads are kept
         assert cache.nbytes == 2 * 2 * 2 * 2 * 24 * 8 * 4
         parts = [model(idx[:, a:b], kv_cache=cache)[0] for a, b in ((0, 7), (7, 8), (8, 15),
