@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from .checks import eval_mode, non_negative_int, number_in, positive_int, positive_number, token_ids
 from .generate import generate
 from .model import next_token_loss, num_parameters
-from .runtime import choose_device
+from .runtime import choose_device, model_device
 
 __all__ = ["IGNORE", "ChatTemplate", "Example", "collate", "sft_loss", "SFTDataset",
            "build_sft_dataset", "sft_batch_fn", "generate_responses", "continuation_logprobs",
@@ -382,7 +382,7 @@ def continuation_logprobs(model: nn.Module, contexts: Sequence[Sequence[int]],
     if longest > model.config.block_size:
         raise ValueError(f"a context and a continuation take up to {longest} tokens, more than "
                          f"block_size={model.config.block_size}")
-    device = next(model.parameters()).device
+    device = model_device(model)
     scores = torch.empty(len(contexts), len(continuations))
     with eval_mode(model):
         for c, answer in enumerate(continuations):

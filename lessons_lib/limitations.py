@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import eval_mode, positive_int, token_ids
+from .runtime import model_device
 
 __all__ = ["CAPITALS", "make_names", "FactsWorld", "make_facts_world", "fact_text",
            "question_text", "note_text", "facts_batch_fn",
@@ -164,7 +165,7 @@ def choice_probs(model, tokenizer, prompts: list[str], candidates: list[str],
                          f"got {candidates!r}")
     first_ids = torch.tensor([tokenizer.encode(c)[0] for c in firsts])
     pad = tokenizer.encode(PAD)[0]
-    device = next(model.parameters()).device
+    device = model_device(model)
     out = torch.empty(len(prompts), len(candidates))
     with eval_mode(model):
         for lo in range(0, len(prompts), batch_size):
@@ -186,7 +187,7 @@ def greedy_answers(model, tokenizer, prompts: list[str], n_chars: int) -> list[s
     """The ``n_chars`` characters the model writes after each prompt, taking the most likely
     character each time (prompts of one length are run as one batch)."""
     positive_int("n_chars", n_chars)
-    device = next(model.parameters()).device
+    device = model_device(model)
     out = [""] * len(prompts)
     by_length: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
@@ -276,7 +277,7 @@ def loss_by_position(model, ids: torch.Tensor, T: int, n_windows: int = 64,
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(len(ids) - T, (n_windows,), generator=gen)
     offsets = torch.arange(T + 1)
-    device = next(model.parameters()).device
+    device = model_device(model)
     total = torch.zeros(T, dtype=torch.float64)
     with eval_mode(model):
         for lo in range(0, n_windows, batch_size):

@@ -262,6 +262,8 @@ def count_parameters(config: GPTConfig, split: bool = False):
     With ``split=True`` returns a dict: embeddings (tokens + positions), attention, MLP,
     layernorm and head (0 when tied), and their total.
     """
+    if not isinstance(config, GPTConfig):
+        raise ValueError(f"expected a lessons_lib.model.GPTConfig, got {type(config).__name__}")
     d, V, L, b = config.n_embd, config.vocab_size, config.n_layer, int(config.bias)
     embeddings = V * d + (config.block_size * d if config.positions == "learned" else 0)
     attention = L * (d * 3 * d + 3 * d * b + d * d + d * b)          # c_attn and c_proj

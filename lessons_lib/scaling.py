@@ -33,7 +33,7 @@ from .model import GPT, GPTConfig, count_parameters
 from .runtime import choose_device, cpu_cores
 from .train import TrainConfig, train
 
-__all__ = ["params", "non_embedding_params", "train_flops", "KAPLAN_2020", "CHINCHILLA_2022",
+__all__ = ["non_embedding_params", "train_flops", "KAPLAN_2020", "CHINCHILLA_2022",
            "BESIROGLU_2024", "sweep", "fit_power_law", "power_law", "fit_loss_surface",
            "loss_surface", "isoflop_minimum", "compute_optimal"]
 
@@ -45,12 +45,6 @@ def _check_config(config) -> None:
 
 # -----------------------------------------------------------------------------
 # 1. counting parameters and FLOPs
-
-def params(config: GPTConfig) -> int:
-    """Every parameter of ``GPT(config)`` (a tied output head counted once)."""
-    _check_config(config)
-    return count_parameters(config)
-
 
 def non_embedding_params(config: GPTConfig) -> int:
     """Parameters outside the token table, the position table and an untied output head.
@@ -72,7 +66,7 @@ def train_flops(config: GPTConfig, tokens, attention: bool = False, context: int
     Each parameter takes part in one multiply-add (2 FLOPs) per token in the forward pass and in
     two in the backward pass (the gradients of the input and of the weight): 6 FLOPs per parameter
     per token, with ``N = non_embedding_params(config)`` (Kaplan et al., 2020, section 2.1).
-    ``embeddings=True`` uses every parameter, ``N = params(config)``, as Hoffmann et al. (2022) did:
+    ``embeddings=True`` uses every parameter, ``N = count_parameters(config)``, as Hoffmann et al. (2022) did:
     for a tied model this adds the output head's ``6 V d`` FLOPs per token, which are real work
     (and the position table, which is not). For large models the two conventions differ by a
     percent; for tiny ones by tens of percent.
@@ -86,7 +80,7 @@ def train_flops(config: GPTConfig, tokens, attention: bool = False, context: int
     """
     _check_config(config)
     D = positive_number("tokens", tokens)
-    flops = 6.0 * (params(config) if embeddings else non_embedding_params(config)) * D
+    flops = 6.0 * (count_parameters(config) if embeddings else non_embedding_params(config)) * D
     if attention:
         n_ctx = config.block_size if context is None else context
         positive_int("context", n_ctx)
@@ -134,7 +128,7 @@ def _train_run(config: GPTConfig, steps: int, rate: float, settings: dict, data)
     model = GPT(config)
     history = train(model, data, train_config)
     return {"n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
-            "N": non_embedding_params(config), "params": params(config), "D": history.tokens,
+            "N": non_embedding_params(config), "params": count_parameters(config), "D": history.tokens,
             "C": train_flops(config, history.tokens),
             "C_all": train_flops(config, history.tokens, embeddings=True), "steps": steps, "lr": rate,
             "train_loss": history.eval_train_loss[-1], "val_loss": history.val_loss[-1],
@@ -259,7 +253,7 @@ def sweep(configs, tokens, data, *, batch_size: int = 32, block_size: int = 64, 
 
         pool = _pool(workers)
         # the longest runs first, so that the last one to finish is short
-        order = sorted(todo, key=lambda k: -todo[k][1] * params(todo[k][0]))
+        order = sorted(todo, key=lambda k: -todo[k][1] * count_parameters(todo[k][0]))
         futures = {pool.submit(_train_run, todo[k][0], todo[k][1], todo[k][2], settings, data): k
                    for k in order}
         for future in as_completed(futures):

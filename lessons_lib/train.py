@@ -85,12 +85,6 @@ class History:
     threads: int = 0                                         # CPU threads the steps ran on
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    """CUDA when available, else CPU. Apple's MPS only when asked for by name
-    (:func:`lessons_lib.runtime.choose_device`)."""
-    return choose_device(device)
-
-
 def resolve_precision(config: TrainConfig, device: torch.device) -> str:
     """``config.precision``, with "auto" replaced by what :mod:`lessons_lib.runtime` chooses."""
     if config.precision == "auto":
@@ -162,7 +156,7 @@ def train(model: torch.nn.Module, data, config: TrainConfig | None = None, *, ca
     """
     config = config or TrainConfig()
     world = distributed.world_size()
-    device = pick_device(config.device)
+    device = choose_device(config.device)
     if world > 1:
         if config.batch_size % world:
             raise ValueError(f"TrainConfig.batch_size={config.batch_size} is the global batch: it "

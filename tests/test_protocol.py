@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from lessons_lib.bigram import BigramLanguageModel
 from lessons_lib.model import GPT, Block, GPTConfig, count_parameters, next_token_loss, num_parameters
 from lessons_lib.recurrent import LSTMLanguageModel
-from lessons_lib.scaling import params
 from lessons_lib.train import evaluate
 
 V = 11
@@ -58,7 +57,7 @@ def test_one_parameter_count():
     model = GPT(CONFIG)
     by_hand = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     assert num_parameters(model) == model.num_parameters() == count_parameters(CONFIG) \
-        == params(CONFIG) == by_hand
+        == by_hand
     model.wte.weight.requires_grad_(False)          # tied: the head is frozen with it
     assert num_parameters(model, trainable_only=True) == by_hand - V * CONFIG.n_embd
 

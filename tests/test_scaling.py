@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 from lessons_lib.attention import attention_with_weights
-from lessons_lib.model import GPT, GPTConfig
+from lessons_lib.model import GPT, GPTConfig, count_parameters
 from lessons_lib.scaling import (BESIROGLU_2024, CHINCHILLA_2022, KAPLAN_2020, compute_optimal,
                                  fit_loss_surface, fit_power_law, isoflop_minimum, loss_surface,
-                                 non_embedding_params, params, power_law, sweep, train_flops)
+                                 non_embedding_params, power_law, sweep, train_flops)
 
 CONFIGS = [GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=4, n_embd=64),
            GPTConfig(vocab_size=97, block_size=16, n_layer=3, n_head=2, n_embd=32, tie_weights=False),
@@ -29,7 +29,7 @@ CONFIGS = [GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=4, n_embd=6
 def test_params_equal_counting_the_tensors_of_a_model(config):
     with torch.device("meta"):
         model = GPT(config)
-    assert params(config) == sum(p.numel() for p in model.parameters())
+    assert count_parameters(config) == sum(p.numel() for p in model.parameters())
     embedding = {"wte.weight", "wpe.weight"} | ({"lm_head.weight"} if not config.tie_weights else set())
     outside = sum(p.numel() for name, p in model.named_parameters() if name not in embedding)
     assert non_embedding_params(config) == outside
@@ -38,7 +38,7 @@ def test_params_equal_counting_the_tensors_of_a_model(config):
 def test_non_embedding_params_are_about_12_layers_d_squared():
     config = GPTConfig.gpt3("175b")
     assert non_embedding_params(config) == pytest.approx(12 * 96 * 12288 ** 2, rel=1e-3)
-    assert params(config) == pytest.approx(175e9, rel=0.01)
+    assert count_parameters(config) == pytest.approx(175e9, rel=0.01)
 
 
 # -- counting FLOPs ------------------------------------------------------------------------
@@ -233,7 +233,7 @@ def test_sweep_returns_a_deterministic_table(one_thread):
     assert [r["val_loss"] for r in a] == [r["val_loss"] for r in b]
     assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
     for row, config in zip(a, SMALL):
-        assert row["N"] == non_embedding_params(config) and row["params"] == params(config)
+        assert row["N"] == non_embedding_params(config) and row["params"] == count_parameters(config)
         assert row["steps"] == 10 and row["D"] == 10 * 4 * 16
         assert row["C"] == train_flops(config, row["D"]) == 6 * row["N"] * row["D"]
         assert row["C_all"] == train_flops(config, row["D"], embeddings=True) == 6 * row["params"] * row["D"]
@@ -311,7 +311,7 @@ def test_compute_optimal_rejects_bad_input():
 
 
 def test_counting_rejects_bad_input():
-    for fn in (params, non_embedding_params):
+    for fn in (count_parameters, non_embedding_params):
         with pytest.raises(ValueError, match="GPTConfig"):
             fn({"n_layer": 2})
     with pytest.raises(ValueError, match="GPTConfig"):
