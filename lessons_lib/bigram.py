@@ -166,6 +166,7 @@ class BigramLanguageModel(nn.Module):
     def __init__(self, vocab_size: int):
         super().__init__()
         self.vocab_size = positive_int("vocab_size", vocab_size)
+        self.block_size = 1             # the next token depends on the last one only
         self.logits_table = nn.Embedding(vocab_size, vocab_size)   # row i: logits of what follows i
 
     def _check_idx(self, idx, name: str) -> None:
@@ -180,7 +181,9 @@ class BigramLanguageModel(nn.Module):
         logits = self.logits_table(idx.long())        # any integer dtype; Embedding wants int64
         if targets is None:
             return logits, None
-        self._check_idx(targets, "targets")
+        # -100 marks a position not to score; the shape is checked by next_token_loss
+        scored = targets[targets != -100] if isinstance(targets, torch.Tensor) else targets
+        self._check_idx(scored, "targets")
         return logits, next_token_loss(logits, targets)
 
     def probs(self) -> torch.Tensor:
@@ -198,8 +201,5 @@ class BigramLanguageModel(nn.Module):
         if idx.ndim != 2 or idx.shape[1] == 0:
             raise ValueError(f"idx must have shape (batch, time) with time >= 1, got {tuple(idx.shape)}")
         non_negative_int("max_new_tokens", max_new_tokens)
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -1])                          # (batch, V)
-            next_id = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-            idx = torch.cat([idx, next_id], dim=1)
-        return idx
+        from .generate import generate       # the library's one sampling loop (block_size 1)
+        return generate(self, idx, max_new_tokens, generator=generator)

@@ -266,6 +266,10 @@ class AttentionOnlyTransformer(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 return_weights: bool = False):
         """``idx`` (batch, T) -> ``(logits, loss)``; with ``return_weights=True``

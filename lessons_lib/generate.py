@@ -123,9 +123,18 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, greedy: bool = False, use_cache: bool = True,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Extend ``idx`` (batch, T) (or (T,)) by ``max_new_tokens`` tokens; returns the whole sequence."""
+             generator: torch.Generator | None = None, stop_ids=()) -> torch.Tensor:
+    """Extend ``idx`` (batch, T) (or (T,)) by up to ``max_new_tokens`` tokens; returns the whole
+    sequence. Works for every model of :class:`lessons_lib.model.LanguageModel`.
+
+    The model reads at most its ``block_size`` last tokens (all of them when it is None). With
+    ``use_cache`` and a model that has ``new_kv_cache``, the prompt runs once and each new token
+    is one position through the model, keys and values kept in a cache sized to the prompt plus
+    the new tokens (at most ``block_size``); past that the window slides without a cache.
+    ``stop_ids``: generation ends once every row has written one of these ids; a row that has
+    stopped repeats its stop id until the others stop too."""
     _check_sampling(temperature, top_k, top_p, greedy, max_new_tokens)
+    stop_ids = [int(s) for s in stop_ids]
     if not isinstance(idx, torch.Tensor):
         idx = torch.as_tensor(idx)
     squeeze = idx.dim() == 1
@@ -141,35 +150,47 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
     # inference mode: no autograd bookkeeping at all, which matters when each step is small
     with eval_mode(model), torch.inference_mode():
         out = _extend(model, idx, max_new_tokens, temperature, top_k, top_p, greedy, use_cache,
-                      generator)
+                      generator, stop_ids)
     out = out.clone()              # an ordinary tensor again, usable where autograd records
     return out[0] if squeeze else out
 
 
-def _extend(model, idx, max_new_tokens, temperature, top_k, top_p, greedy, use_cache, generator):
+def _extend(model, idx, max_new_tokens, temperature, top_k, top_p, greedy, use_cache, generator,
+            stop_ids):
     device = model_device(model)
-    block_size = model.config.block_size
-    out = torch.empty(idx.size(0), idx.size(1) + max_new_tokens, dtype=torch.long, device=device)
+    block_size = getattr(model, "block_size", None)
+    total = idx.size(1) + max_new_tokens
+    out = torch.empty(idx.size(0), total, dtype=torch.long, device=device)
     out[:, : idx.size(1)] = idx.to(device)
     length = idx.size(1)
-    cache = None
+    cache, cache_len = None, total if block_size is None else min(total, block_size)
+    use_cache = use_cache and hasattr(model, "new_kv_cache")
+    stop = torch.tensor(stop_ids, device=device) if stop_ids else None
+    stopped = torch.zeros(out.size(0), dtype=torch.bool, device=device)
 
     for _ in range(max_new_tokens):
-        if use_cache and length <= block_size:
+        if use_cache and length <= cache_len:
             if cache is None:                                  # prefill: the whole prompt at once
-                cache = model.new_kv_cache(out.size(0))
+                cache = model.new_kv_cache(out.size(0), max_len=cache_len)
                 logits, _ = model(out[:, :length], kv_cache=cache)
             else:                                              # one new token, keys from the cache
                 logits, _ = model(out[:, length - 1: length], kv_cache=cache)
         else:                                                  # no cache, or the window slides
-            logits, _ = model(out[:, max(0, length - block_size): length])
+            start = 0 if block_size is None else max(0, length - block_size)
+            logits, _ = model(out[:, start: length])
         next_logits = logits[:, -1, :]
         if greedy:
-            out[:, length] = next_logits.argmax(dim=-1)
+            token = next_logits.argmax(dim=-1)
         else:
             if generator is not None:                          # a CPU generator draws on the CPU
                 next_logits = next_logits.cpu()
-            token = sample_next(next_logits, temperature, top_k, top_p, generator=generator)
-            out[:, length] = token[:, 0].to(device)
+            token = sample_next(next_logits, temperature, top_k, top_p,
+                                generator=generator)[:, 0].to(device)
+        if stop is not None:
+            token = torch.where(stopped, out[:, length - 1], token)
+            stopped |= torch.isin(token, stop)
+        out[:, length] = token
         length += 1
-    return out
+        if stop is not None and bool(stopped.all()):
+            break
+    return out[:, :length]

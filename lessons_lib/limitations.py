@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import eval_mode, positive_int, token_ids
+from .generate import generate
 from .runtime import model_device
 
 __all__ = ["CAPITALS", "make_names", "FactsWorld", "make_facts_world", "fact_text",
@@ -187,19 +188,16 @@ def greedy_answers(model, tokenizer, prompts: list[str], n_chars: int) -> list[s
     """The ``n_chars`` characters the model writes after each prompt, taking the most likely
     character each time (prompts of one length are run as one batch)."""
     positive_int("n_chars", n_chars)
-    device = model_device(model)
     out = [""] * len(prompts)
     by_length: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         by_length.setdefault(len(p), []).append(i)
-    with eval_mode(model):
-        for rows in by_length.values():
-            ids = torch.tensor([tokenizer.encode(prompts[i]) for i in rows], device=device)
-            for _ in range(n_chars):
-                logits, _ = model(ids)
-                ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-            for r, i in enumerate(rows):
-                out[i] = tokenizer.decode(ids[r, -n_chars:].tolist())
+    for rows in by_length.values():
+        ids = torch.tensor([tokenizer.encode(prompts[i]) for i in rows])
+        # the whole sequence at every step, no cache: the same sums as a forward pass
+        ids = generate(model, ids, n_chars, greedy=True, use_cache=False)
+        for r, i in enumerate(rows):
+            out[i] = tokenizer.decode(ids[r, -n_chars:].tolist())
     return out
 
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from .attention import MultiHeadAttention
 from .checks import positive_int, token_ids
+from .generate import generate
 from .model import KVCache, next_token_loss, num_parameters
 
 __all__ = ["LlamaConfig", "RMSNorm", "SwiGLU", "LlamaBlock", "Llama", "generate_until", "chat", "GenerationResult"]
@@ -190,6 +191,10 @@ class Llama(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
     def num_parameters(self) -> int:
         """Parameters counted once each (the tied embedding once)."""
         return num_parameters(self)
@@ -322,27 +327,14 @@ def generate_until(model: Llama, prompt_ids, max_new_tokens: int, stop_ids=(),
     ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1)
     if ids.shape[1] == 0:
         raise ValueError("prompt_ids is empty")
-    stop = set(int(s) for s in stop_ids)
-    device = model.tok_emb.weight.device
-    ids = ids.to(device)
-    was_training = model.training
-    model.eval()
+    stop = [int(s) for s in stop_ids]
     t0 = time.perf_counter()
-    new = []
-    cache = model.new_kv_cache(1, max_len=ids.shape[1] + max_new_tokens) if use_cache else None
-    step_input = ids
-    for _ in range(max_new_tokens):
-        logits, _ = model(step_input, kv_cache=cache)
-        token = int(logits[0, -1].argmax())
-        if token in stop:
-            break
-        new.append(token)
-        next_id = torch.tensor([[token]], device=device)
-        ids = torch.cat((ids, next_id), dim=1)
-        step_input = next_id if use_cache else ids
+    out = generate(model, ids, max_new_tokens, greedy=True, use_cache=use_cache, stop_ids=stop)
     seconds = time.perf_counter() - t0
-    model.train(was_training)
-    return GenerationResult(ids=new, seconds=seconds, prompt_tokens=ids.shape[1] - len(new))
+    new = out[0, ids.shape[1]:].tolist()
+    if new and new[-1] in stop:
+        new = new[:-1]
+    return GenerationResult(ids=new, seconds=seconds, prompt_tokens=ids.shape[1])
 
 
 def chat(model: Llama, gguf, question: str, max_new_tokens: int = 48,

@@ -22,6 +22,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -32,7 +33,28 @@ from .attention import MultiHeadAttention
 from .checks import non_negative_int, positive_int, token_ids
 
 __all__ = ["sinusoidal_positions", "LearnedPositions", "MLP", "Block",
-           "GPTConfig", "count_parameters", "num_parameters", "next_token_loss", "KVCache", "GPT"]
+           "GPTConfig", "count_parameters", "num_parameters", "next_token_loss", "KVCache", "GPT",
+           "LanguageModel"]
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    """What every language model of the course is (GPT, Llama, the bigram, the LSTM, the
+    attention-only Transformer, MixerLM), and all that training, evaluation and
+    :func:`lessons_lib.generate.generate` rely on:
+
+    - ``model(idx, targets=None) -> (logits, loss)``: ``idx`` (batch, T) token ids, ``logits``
+      (batch, T, vocab_size), the next token's scores at every position; ``loss`` the mean
+      cross-entropy against ``targets`` (batch, T) (-100 not counted), or None without them;
+    - ``block_size``: the most tokens it reads at once (None: any number).
+
+    Optional: ``new_kv_cache(batch_size, max_len)`` and ``model(idx, kv_cache=cache)`` for
+    generation one token at a time (GPT, Llama).
+    """
+
+    block_size: int | None
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None): ...
 
 
 # -----------------------------------------------------------------------------
@@ -375,6 +397,10 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         elif isinstance(module, LearnedPositions):
             nn.init.normal_(module.weight, mean=0.0, std=0.01)
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
 
     def num_parameters(self) -> int:
         """Parameters counted once each (tied weights are one tensor): :func:`num_parameters`."""

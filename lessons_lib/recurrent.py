@@ -54,6 +54,7 @@ class LSTMLanguageModel(nn.Module):
                             ("hidden_size", hidden_size), ("n_layer", n_layer)):
             positive_int(name, value)
         self.vocab_size = vocab_size
+        self.block_size = None          # a recurrence reads any number of tokens
         self.embed = nn.Embedding(vocab_size, n_embd)
         self.lstm = nn.LSTM(n_embd, hidden_size, num_layers=n_layer, batch_first=True)
         self.head = nn.Linear(hidden_size, vocab_size)

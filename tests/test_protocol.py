@@ -133,3 +133,99 @@ def test_block_refuses_weights_and_a_cache_at_once():
     block = Block(8, 2)
     out, weights = block(torch.randn(1, 3, 8), return_weights=True)
     assert out.shape == (1, 3, 8) and weights.shape == (1, 2, 3, 3)
+
+
+# -----------------------------------------------------------------------------
+# the protocol, for all six language models, and the one generate they share
+
+def six_models():
+    from lessons_lib.beyond import MixerLM
+    from lessons_lib.emergence import AttentionOnlyConfig, AttentionOnlyTransformer
+    from lessons_lib.llama import Llama, LlamaConfig
+    torch.manual_seed(0)
+    return {
+        "gpt": GPT(CONFIG),
+        "llama": Llama(LlamaConfig(vocab_size=V, n_layer=2, n_embd=16, n_head=4, n_kv_head=2,
+                                   n_ff=24, block_size=16)),
+        "attention-only": AttentionOnlyTransformer(
+            AttentionOnlyConfig(vocab_size=V, block_size=16, n_layer=2, n_head=2, n_embd=16)),
+        "mixer": MixerLM(V, 16, mixer="rwkv", n_layer=2, n_embd=16),
+        "lstm": LSTMLanguageModel(V, n_embd=8, hidden_size=12),
+        "bigram": BigramLanguageModel(V),
+    }
+
+
+SIX = list(six_models())
+
+
+@pytest.mark.parametrize("name", SIX)
+def test_every_model_meets_the_language_model_protocol(name):
+    from lessons_lib.model import LanguageModel
+    model = six_models()[name].eval()
+    assert isinstance(model, LanguageModel)
+    assert model.block_size is None or model.block_size >= 1
+    g = torch.Generator().manual_seed(1)
+    idx, targets = torch.randint(V, (3, 7), generator=g), torch.randint(V, (3, 7), generator=g)
+    targets[0, :3] = -100
+    logits, loss = model(idx)
+    assert logits.shape == (3, 7, V) and loss is None
+    same, loss = model(idx, targets)
+    torch.testing.assert_close(same, logits, rtol=0, atol=0)
+    torch.testing.assert_close(loss, next_token_loss(logits, targets))
+
+
+def test_something_without_block_size_is_not_a_language_model():
+    from lessons_lib.model import LanguageModel
+    assert not isinstance(torch.nn.Linear(2, 2), LanguageModel)
+
+
+@pytest.mark.parametrize("name", SIX)
+def test_generate_works_for_every_model_with_and_without_a_cache(name):
+    from lessons_lib.generate import generate
+    model = six_models()[name]
+    prompt = torch.randint(V, (2, 5), generator=torch.Generator().manual_seed(2))
+    cached = generate(model, prompt, 8, greedy=True)
+    uncached = generate(model, prompt, 8, greedy=True, use_cache=False)
+    assert cached.shape == (2, 13) and torch.equal(cached[:, :5], prompt)
+    assert torch.equal(cached, uncached)
+    # greedy, one token at a time, by hand: the argmax of the last position, fed back
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(8):
+            window = ids if model.block_size is None else ids[:, -model.block_size:]
+            ids = torch.cat([ids, model(window)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, ids)
+    sampled = generate(model, prompt, 20, generator=torch.Generator().manual_seed(3))
+    assert sampled.shape == (2, 25)       # the window slides past block_size = 16
+
+
+def test_the_cache_holds_the_prompt_and_the_new_tokens_only(monkeypatch):
+    from lessons_lib.generate import generate
+    model = six_models()["llama"]
+    model.config.block_size = 8192          # SmolLM2's: a cache of 8,192 would be wasted
+    sizes = []
+    original = type(model).new_kv_cache
+
+    def recording(self, batch_size, max_len=None):
+        sizes.append(max_len)
+        return original(self, batch_size, max_len)
+
+    monkeypatch.setattr(type(model), "new_kv_cache", recording)
+    generate(model, torch.zeros(1, 4, dtype=torch.long), 6, greedy=True)
+    assert sizes == [10]
+
+
+def test_generate_stops_when_every_row_has_written_a_stop_id():
+    from lessons_lib.generate import generate
+    model = six_models()["gpt"]
+    prompt = torch.randint(V, (2, 4), generator=torch.Generator().manual_seed(4))
+    free = generate(model, prompt, 12, greedy=True)
+    first = free[0, 4].item()                         # row 0's first new token
+    stopped = generate(model, prompt, 12, greedy=True, stop_ids=[first])
+    row1 = free[1, 4:].tolist()
+    if first in row1:                                 # both rows stop: cut at the later one
+        end = 4 + max(1, row1.index(first) + 1)
+        assert stopped.shape[1] == end
+    else:
+        assert torch.equal(stopped[1], free[1])       # row 1 never stops: all 12 tokens
+    assert (stopped[0, 4:] == first).all()            # row 0 repeats its stop id
