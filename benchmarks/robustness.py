@@ -177,6 +177,14 @@ def summarise(runs: list[dict]) -> list[dict]:
     return list(rows.values())
 
 
+def _is_literal(text: str) -> bool:
+    try:
+        ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return False
+    return True
+
+
 def _fmt(x: float) -> str:
     return f"{x:.3g}" if abs(x) < 1e4 else f"{x:.3e}"
 
@@ -188,13 +196,15 @@ def table(rows: list[dict]) -> str:
         seeds = row["per_seed"].values()
         held = f"{sum(s['held'] for s in seeds)}/{len(seeds)}"
         numeric = [s for s in seeds if "left" in s]
+        fixed_left = len({s["left"] for s in numeric}) == 1
         if row["op"] is None or not numeric:
             bound, spread = "", ""
-        elif len({s["right"] for s in numeric}) == 1:       # a fixed bound on the right
+        elif (len({s["right"] for s in numeric}) == 1       # a fixed bound on the right
+              and not (fixed_left and _is_literal(row["source"].split(f" {row['op']} ")[0]))):
             bound = f"{row['op']} {_fmt(numeric[0]['right'])}"
             left = sorted(s["left"] for s in numeric)
             spread = " / ".join(_fmt(v) for v in (left[0], statistics.median(left), left[-1]))
-        elif len({s["left"] for s in numeric}) == 1:        # ... or on the left: 0.5 < x
+        elif fixed_left:                                    # ... or on the left: 0.5 < x
             bound = f"{FLIPPED[row['op']]} {_fmt(numeric[0]['left'])}"
             right = sorted(s["right"] for s in numeric)
             spread = " / ".join(_fmt(v) for v in (right[0], statistics.median(right), right[-1]))
