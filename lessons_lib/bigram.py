@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checks import is_int, is_integer_dtype, non_negative_int, positive_int, token_ids
+from .generate import generate
 from .model import next_token_loss
 
 # -----------------------------------------------------------------------------
@@ -201,5 +202,4 @@ class BigramLanguageModel(nn.Module):
         if idx.ndim != 2 or idx.shape[1] == 0:
             raise ValueError(f"idx must have shape (batch, time) with time >= 1, got {tuple(idx.shape)}")
         non_negative_int("max_new_tokens", max_new_tokens)
-        from .generate import generate       # the library's one sampling loop (block_size 1)
-        return generate(self, idx, max_new_tokens, generator=generator)
+        return generate(self, idx, max_new_tokens, generator=generator)   # block_size 1
