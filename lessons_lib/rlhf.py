@@ -41,6 +41,7 @@ including its first end-of-text token; everything else is masked out of every su
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -785,10 +786,12 @@ def ppo_step(policy: PolicyWithValue, optimizer: torch.optim.Optimizer, batch: R
         std = _masked_mean((advantages - mean).square(), mask).sqrt()
         advantages = torch.where(mask, (advantages - mean) / (std + 1e-8), 0.0)
     B = batch.sequences.size(0)
+    n_minibatches = min(config.minibatches, B)
     totals: dict[str, float] = {}
     for _ in range(config.epochs):
         order = torch.randperm(B, generator=generator).to(mask.device)
-        for rows in order.chunk(config.minibatches):
+        # exactly n_minibatches, of sizes differing by at most one row (chunk can give fewer)
+        for rows in order.tensor_split(n_minibatches):
             logits, values = policy(batch.sequences[rows])
             new_logp = logprobs_from_logits(logits, batch.sequences[rows], config.temperature)
             losses = ppo_losses(new_logp, batch.logprobs[rows], advantages[rows], values,
@@ -805,14 +808,15 @@ def ppo_step(policy: PolicyWithValue, optimizer: torch.optim.Optimizer, batch: R
                         approx_kl=losses.approx_kl, clip_fraction=losses.clip_fraction)
             for name, value in step.items():
                 totals[name] = totals.get(name, 0.0) + value.item()
-    n_steps = config.epochs * min(config.minibatches, B)
+    n_steps = config.epochs * n_minibatches
     return {name: total / n_steps for name, total in totals.items()}
 
 
 def _scores(reward_fn, batch: Rollout, *args) -> torch.Tensor:
     """``reward_fn(*args)`` (by default ``(sequences, lengths)``), checked: one finite score
-    per sequence of ``batch``, on its device."""
-    with torch.no_grad():
+    per sequence of ``batch``, on its device. A reward model (a module) scores in eval mode."""
+    judge = eval_mode(reward_fn) if isinstance(reward_fn, nn.Module) else contextlib.nullcontext()
+    with torch.no_grad(), judge:
         scores = reward_fn(*(args or (batch.sequences, batch.lengths)))
     B = batch.sequences.size(0)
     if not isinstance(scores, torch.Tensor) or scores.shape != (B,):
@@ -1281,7 +1285,8 @@ def grpo_losses(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     over its response tokens, plus ``kl_coef`` times a per-token KL to the reference.
 
     The KL is the k3 estimator ``exp(q) - q - 1`` with ``q = ref_logp - new_logp`` (unbiased
-    and never negative), as in DeepSeekMath; ``ref_logp`` is needed when ``kl_coef > 0``.
+    and never negative), as in DeepSeekMath, with ``q`` clamped to [-20, 20] against overflow;
+    ``ref_logp`` is needed when ``kl_coef > 0``.
 
     ``aggregation`` says how tokens are averaged. "token": over every response token of the
     batch at once, so each token counts the same (DAPO, Dr. GRPO; what this course uses).
@@ -1316,7 +1321,8 @@ def grpo_losses(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     if ref_logp is not None:
         float_tensor("ref_logp", ref_logp, ndim=2)
         _same_shape(new_logp=new_logp, ref_logp=ref_logp)
-        q = torch.where(mask, ref_logp - new_logp, 0.0)
+        # clamped so that exp cannot overflow where the policy has left the reference far behind
+        q = torch.where(mask, ref_logp - new_logp, 0.0).clamp(-20.0, 20.0)
         kl = average(q.exp() - q - 1.0)
     else:
         kl = torch.zeros((), dtype=new_logp.dtype, device=new_logp.device)
@@ -1459,7 +1465,7 @@ def train_grpo(policy: GPT, reference: GPT, reward_fn, prompts: torch.Tensor,
             entropy, clip_fraction, n_steps = 0.0, 0.0, 0
             for _ in range(config.epochs):
                 order = torch.randperm(len(rewards), generator=generator).to(device)
-                for rows in order.chunk(config.minibatches):
+                for rows in order.tensor_split(min(config.minibatches, len(rewards))):
                     logits = _logits(policy, batch.sequences[rows])
                     new_logp = logprobs_from_logits(logits, batch.sequences[rows],
                                                     config.temperature)

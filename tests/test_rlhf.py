@@ -14,7 +14,8 @@ from lessons_lib.rlhf import (PolicyWithValue, PPOConfig, RewardModel, RewardTra
                               all_pairs_bradley_terry_loss, best_of_n, best_of_n_kl,
                               bradley_terry_loss, distinct_n, evaluate_policy,
                               encode_snippets, end_positions, evaluate_reward_model, gae,
-                              kl_penalized_rewards, pair_accuracy, ppo_losses, preference_mask,
+                              kl_penalized_rewards, pair_accuracy, ppo_losses, ppo_step,
+                              preference_mask,
                               response_mask, rollout, score_texts, sequence_logprobs, spearman,
                               train_ppo, train_reward_model)
 from lessons_lib.tokenizers import BPETokenizer, CharTokenizer
@@ -413,6 +414,45 @@ def count_reward(token):
         inside = (position >= prompt_length) & (position < lengths[:, None])
         return ((sequences == token) & inside).float().sum(dim=1)
     return reward_fn
+
+
+def test_a_reward_model_scores_rollouts_in_eval_mode():
+    from lessons_lib.rlhf import _scores
+    rm = RewardModel(GPTConfig(**{**TINY.__dict__, "dropout": 0.5}), eot_id=EOT).train()
+    policy = PolicyWithValue(tiny_gpt())
+    batch = rollout(policy, torch.tensor([[1, 2], [3, 4]]), 6, eot_id=EOT,
+                    generator=torch.Generator().manual_seed(0))
+    scores = _scores(rm, batch)
+    assert rm.training                                   # the mode it was in is restored
+    with torch.no_grad():
+        assert torch.equal(scores, rm.eval()(batch.sequences, batch.lengths))
+
+
+@pytest.mark.parametrize("rows, minibatches", [(13, 6), (12, 6), (5, 5), (7, 2)])
+def test_ppo_step_takes_exactly_the_minibatches_asked_for(rows, minibatches):
+    # 13 rows in 6 minibatches: torch.chunk would give 5 (3, 3, 3, 3, 1); every step must
+    # count, and the statistics are means over the steps actually taken
+    policy = PolicyWithValue(tiny_gpt())
+    prompts = torch.randint(1, TINY.vocab_size, (rows, 2),
+                            generator=torch.Generator().manual_seed(1))
+    batch = rollout(policy, prompts, 6, eot_id=EOT, generator=torch.Generator().manual_seed(2))
+    advantages = torch.randn(batch.logprobs.shape, generator=torch.Generator().manual_seed(3))
+    returns = torch.randn(batch.logprobs.shape, generator=torch.Generator().manual_seed(4))
+    config = PPOConfig(batch_size=rows, minibatches=minibatches, epochs=2, eot_id=EOT)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-3)
+    sizes, forward = [], policy.forward
+
+    def counting_forward(idx):
+        sizes.append(idx.size(0))
+        return forward(idx)
+
+    policy.forward = counting_forward
+    stats = ppo_step(policy, optimizer, batch, advantages, returns, config,
+                     torch.Generator().manual_seed(5))
+    assert len(sizes) == 2 * minibatches and sum(sizes) == 2 * rows
+    assert max(sizes) - min(sizes) <= 1
+    assert set(stats) == {"policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"}
+    assert all(math.isfinite(v) for v in stats.values())
 
 
 @pytest.mark.slow

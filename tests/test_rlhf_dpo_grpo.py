@@ -181,6 +181,17 @@ def test_grpo_kl_is_zero_for_the_reference_itself():
     assert out.kl.item() == 0.0
 
 
+def test_grpo_kl_stays_finite_far_from_the_reference():
+    # a policy that has all but ruled out tokens the reference likes: q = ref - new = 200
+    # nats, and exp(200) overflows float32; k3 is clamped at q = 20
+    new, old, _, adv, mask = grpo_case(seed=4)
+    new, old, adv = new.float(), old.float(), adv.float()
+    far = grpo_losses(new, old, adv, mask, ref_logp=new + 200.0 * mask, kl_coef=0.1)
+    edge = grpo_losses(new, old, adv, mask, ref_logp=new + 20.0 * mask, kl_coef=0.1)
+    assert math.isfinite(far.loss.item())
+    assert far.kl.item() == edge.kl.item() == pytest.approx(math.exp(20.0) - 21.0, rel=1e-5)
+
+
 def test_a_group_with_equal_rewards_gets_no_gradient():
     new, _, _, _, mask = grpo_case(seed=3, B=8)
     old = new.clone()                                     # ratio 1: no token clipped
