@@ -63,7 +63,9 @@ TOKEN_TYPE_CONTROL = 3          # tokenizer.ggml.token_type: 1 normal, 3 control
 
 @dataclass(frozen=True)
 class GGUFConfig:
-    """The sizes of a Llama-style model, as its GGUF metadata states them."""
+    """The sizes of a Llama-style model, as its GGUF metadata states them, under the names
+    :class:`lessons_lib.model.GPTConfig` and :class:`lessons_lib.llama.LlamaConfig` use
+    (``llama.context_length`` is ``block_size``, ``llama.embedding_length`` ``n_embd``, ...)."""
 
     architecture: str       # general.architecture, e.g. "llama"
     n_layer: int            # transformer blocks
@@ -72,10 +74,10 @@ class GGUFConfig:
     n_kv_head: int          # key/value heads (grouped-query attention when < n_head)
     n_ff: int               # hidden width of the SwiGLU feed-forward block
     vocab_size: int
-    context_length: int     # positions the model was trained for
+    block_size: int         # context length: the positions the model was trained for
     rope_base: float        # RoPE's theta: frequencies base ** (-2i / head_dim)
     norm_eps: float         # RMSNorm epsilon
-    tied_embeddings: bool   # True: no output.weight, the LM head reuses token_embd.weight
+    tie_weights: bool       # True: no output.weight, the LM head reuses token_embd.weight
     name: str = ""          # general.name
 
     @property
@@ -233,10 +235,10 @@ class GGUFFile:
             n_kv_head=int(self.metadata(f"{arch}.attention.head_count_kv")),
             n_ff=int(self.metadata(f"{arch}.feed_forward_length")),
             vocab_size=int(self.metadata(f"{arch}.vocab_size", n_tokens)),
-            context_length=int(self.metadata(f"{arch}.context_length")),
+            block_size=int(self.metadata(f"{arch}.context_length")),
             rope_base=float(self.metadata(f"{arch}.rope.freq_base", 10000.0)),
             norm_eps=float(self.metadata(f"{arch}.attention.layer_norm_rms_epsilon")),
-            tied_embeddings="output.weight" not in self._tensors,
+            tie_weights="output.weight" not in self._tensors,
             name=str(self.metadata("general.name", "")),
         )
 

@@ -6,20 +6,24 @@ Read top to bottom:
    key/value heads, a 1536-wide feed-forward block, 49,152 tokens).
 2. :class:`RMSNorm` -- LayerNorm without the mean and without the bias: ``x / rms(x) * g``.
 3. :class:`SwiGLU` -- the feed-forward block with a gate: ``down(silu(gate(x)) * up(x))``.
-4. :class:`LlamaBlock` -- pre-norm residual block: RMSNorm, attention, RMSNorm, SwiGLU. Its
-   attention is :class:`lessons_lib.attention.MultiHeadAttention` (the one of every chapter)
-   with rotary positions (``positions="rope"``), no biases, and grouped-query attention
-   (``n_kv_heads``).
-5. :class:`Llama` -- token embeddings (no position embeddings: RoPE is inside the attention),
-   the blocks, a final RMSNorm and the head, tied to the embeddings if the config says so.
+4. :class:`LlamaBlock` -- pre-norm residual block: ``ln_1`` (an RMSNorm), attention, ``ln_2``,
+   SwiGLU. Its attention is :class:`lessons_lib.attention.MultiHeadAttention` (the one of every
+   chapter) with rotary positions (``positions="rope"``), no biases, and grouped-query
+   attention (``n_kv_head`` key/value heads).
+5. :class:`Llama` -- token embeddings ``wte`` (no position embeddings: RoPE is inside the
+   attention), the blocks ``h``, a final RMSNorm ``ln_f`` and the head ``lm_head``, tied to the
+   embeddings if the config says so (``tie_weights``).
    :meth:`Llama.from_gguf` loads a GGUF file (SmolLM2's), :meth:`Llama.from_hf_state_dict`
    a Hugging Face ``LlamaForCausalLM`` state dict.
 6. :func:`generate_until` -- greedy decoding with (or without) the
    key/value cache, stopping at an end token; :func:`chat` -- one question through the chat
    template, one answer back.
 
-The model has the interface of :class:`lessons_lib.model.GPT` (``forward(idx, targets,
-kv_cache) -> (logits, loss)``, ``new_kv_cache``, ``config.block_size``), so
+The names are the GPT's (:mod:`lessons_lib.model`, nanoGPT's): the config's ``n_layer``,
+``n_head``, ``n_embd``, ``block_size``, ``tie_weights``, the modules above. Like
+:class:`lessons_lib.model.GPT` the model is a :class:`lessons_lib.model.DecoderLM` (the
+initialisation, ``block_size``, ``num_parameters``, ``new_kv_cache``) with the same
+``forward(idx, targets, kv_cache) -> (logits, loss)``, so
 :func:`lessons_lib.generate.generate` runs it too.
 """
 
@@ -35,7 +39,7 @@ import torch.nn.functional as F
 from .attention import MultiHeadAttention
 from .checks import positive_int, token_ids
 from .generate import generate
-from .model import KVCache, next_token_loss, num_parameters
+from .model import DecoderLM, KVCache, next_token_loss
 
 __all__ = ["LlamaConfig", "RMSNorm", "SwiGLU", "LlamaBlock", "Llama", "generate_until", "chat", "GenerationResult"]
 
@@ -45,20 +49,24 @@ __all__ = ["LlamaConfig", "RMSNorm", "SwiGLU", "LlamaBlock", "Llama", "generate_
 
 @dataclass
 class LlamaConfig:
+    """The sizes of a Llama-style decoder, named as :class:`lessons_lib.model.GPTConfig` names
+    them, plus ``n_kv_head``, ``n_ff``, ``rope_base`` and ``norm_eps``. The defaults are
+    SmolLM2-135M."""
+
     vocab_size: int = 49152
+    block_size: int = 8192       # the longest sequence (context length)
     n_layer: int = 30
-    n_embd: int = 576
     n_head: int = 9              # query heads
     n_kv_head: int = 3           # key/value heads: n_head / n_kv_head query heads share one
+    n_embd: int = 576
     n_ff: int = 1536             # hidden width of the SwiGLU block
-    block_size: int = 8192       # the longest sequence (context length)
     rope_base: float = 100000.0  # RoPE's theta
     norm_eps: float = 1e-5       # RMSNorm's epsilon
-    tie_embeddings: bool = True  # the head reuses the token embedding matrix
+    tie_weights: bool = True     # the output head reuses the token embedding matrix
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_layer", "n_embd", "n_head", "n_kv_head", "n_ff",
-                     "block_size"):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd",
+                     "n_ff"):
             positive_int(name, getattr(self, name))
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
@@ -78,10 +86,10 @@ class LlamaConfig:
     @classmethod
     def from_gguf(cls, config) -> "LlamaConfig":
         """From a :class:`lessons_lib.gguf_file.GGUFConfig`."""
-        return cls(vocab_size=config.vocab_size, n_layer=config.n_layer, n_embd=config.n_embd,
-                   n_head=config.n_head, n_kv_head=config.n_kv_head, n_ff=config.n_ff,
-                   block_size=config.context_length, rope_base=config.rope_base,
-                   norm_eps=config.norm_eps, tie_embeddings=config.tied_embeddings)
+        return cls(vocab_size=config.vocab_size, block_size=config.block_size,
+                   n_layer=config.n_layer, n_head=config.n_head, n_kv_head=config.n_kv_head,
+                   n_embd=config.n_embd, n_ff=config.n_ff, rope_base=config.rope_base,
+                   norm_eps=config.norm_eps, tie_weights=config.tie_weights)
 
     @classmethod
     def from_hf(cls, config) -> "LlamaConfig":
@@ -93,13 +101,13 @@ class LlamaConfig:
         if kind != "default":
             raise ValueError(f"rope_scaling of type {kind!r} is not supported (only plain RoPE "
                              f"with rope_theta); got rope_scaling={scaling}")
-        return cls(vocab_size=config.vocab_size, n_layer=config.num_hidden_layers,
-                   n_embd=config.hidden_size, n_head=config.num_attention_heads,
-                   n_kv_head=config.num_key_value_heads, n_ff=config.intermediate_size,
-                   block_size=config.max_position_embeddings,
+        return cls(vocab_size=config.vocab_size, block_size=config.max_position_embeddings,
+                   n_layer=config.num_hidden_layers, n_head=config.num_attention_heads,
+                   n_kv_head=config.num_key_value_heads, n_embd=config.hidden_size,
+                   n_ff=config.intermediate_size,
                    rope_base=float(getattr(config, "rope_theta", None)
                                    or config.rope_parameters["rope_theta"]),
-                   norm_eps=config.rms_norm_eps, tie_embeddings=config.tie_word_embeddings)
+                   norm_eps=config.rms_norm_eps, tie_weights=config.tie_word_embeddings)
 
 
 # -----------------------------------------------------------------------------
@@ -151,57 +159,45 @@ class SwiGLU(nn.Module):
 # 4. the block
 
 class LlamaBlock(nn.Module):
-    """x + attn(norm(x)), then + swiglu(norm(x)): GPT-2's pre-norm layout with the new parts."""
+    """``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``: GPT-2's pre-norm block
+    (:class:`lessons_lib.model.Block`, its names too) with RMSNorms, RoPE, grouped-query
+    attention and a SwiGLU ``mlp``."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.ln_1 = RMSNorm(config.n_embd, config.norm_eps)
         self.attn = MultiHeadAttention(config.n_embd, config.n_head, bias=False, causal=True,
                                        positions="rope", rope_base=config.rope_base,
                                        n_kv_heads=config.n_kv_head)
-        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.ln_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = SwiGLU(config.n_embd, config.n_ff)
 
     def forward(self, x: torch.Tensor, kv: tuple | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), kv=kv)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.attn(self.ln_1(x), kv=kv)
+        return x + self.mlp(self.ln_2(x))
 
 
 # -----------------------------------------------------------------------------
 # 5. the model
 
-class Llama(nn.Module):
-    """A Llama-architecture language model (Llama 2/3, SmolLM2, Mistral without sliding window)."""
+class Llama(DecoderLM):
+    """A Llama-architecture language model (Llama 2/3, SmolLM2, Mistral without sliding window).
+
+    Its initialisation, ``block_size``, ``num_parameters`` and ``new_kv_cache`` are the GPT's
+    (:class:`lessons_lib.model.DecoderLM`)."""
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
         if not isinstance(config, LlamaConfig):
             raise ValueError(f"config must be a LlamaConfig, got {type(config).__name__}")
         self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
-        self.blocks = nn.ModuleList(LlamaBlock(config) for _ in range(config.n_layer))
-        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.h = nn.ModuleList(LlamaBlock(config) for _ in range(config.n_layer))
+        self.ln_f = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    @property
-    def block_size(self) -> int:
-        return self.config.block_size
-
-    def num_parameters(self) -> int:
-        """Parameters counted once each (the tied embedding once)."""
-        return num_parameters(self)
-
-    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        p = self.tok_emb.weight
-        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+        if config.tie_weights:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)      # N(0, 0.02) for every matrix; RMSNorm gains stay 1
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 kv_cache: KVCache | None = None):
@@ -219,12 +215,12 @@ class Llama(nn.Module):
         if cached:
             kv_cache.start(B, T)          # the batch and the room the cache holds
         token_ids(idx, "idx", vocab_size=self.config.vocab_size)
-        x = self.tok_emb(idx.long())
-        for i, block in enumerate(self.blocks):
+        x = self.wte(idx.long())
+        for i, block in enumerate(self.h):
             x = block(x, kv=kv_cache.layer(i) if cached else None)
         if cached:
             kv_cache.advance(T)
-        logits = self.lm_head(self.norm(x))
+        logits = self.lm_head(self.ln_f(x))
         return logits, (None if targets is None else next_token_loss(logits, targets))
 
     # -- loading ---------------------------------------------------------------------------
@@ -248,14 +244,13 @@ class Llama(nn.Module):
 
         with torch.no_grad():
             c = config
-            model.tok_emb.weight.copy_(take("model.embed_tokens.weight",
-                                            (c.vocab_size, c.n_embd)))
-            model.norm.weight.copy_(take("model.norm.weight", (c.n_embd,)))
-            if not c.tie_embeddings:
+            model.wte.weight.copy_(take("model.embed_tokens.weight", (c.vocab_size, c.n_embd)))
+            model.ln_f.weight.copy_(take("model.norm.weight", (c.n_embd,)))
+            if not c.tie_weights:
                 model.lm_head.weight.copy_(take("lm_head.weight", (c.vocab_size, c.n_embd)))
             sd.pop("lm_head.weight", None)     # a tied checkpoint may list it too
             kv = c.n_kv_head * c.head_dim
-            for i, block in enumerate(model.blocks):
+            for i, block in enumerate(model.h):
                 p = f"model.layers.{i}."
                 q = take(p + "self_attn.q_proj.weight", (c.n_embd, c.n_embd))
                 k = take(p + "self_attn.k_proj.weight", (kv, c.n_embd))
@@ -263,9 +258,9 @@ class Llama(nn.Module):
                 block.attn.c_attn.weight.copy_(torch.cat((q, k, v)))     # q | k | v rows
                 block.attn.c_proj.weight.copy_(take(p + "self_attn.o_proj.weight",
                                                     (c.n_embd, c.n_embd)))
-                block.attn_norm.weight.copy_(take(p + "input_layernorm.weight", (c.n_embd,)))
-                block.mlp_norm.weight.copy_(take(p + "post_attention_layernorm.weight",
-                                                 (c.n_embd,)))
+                block.ln_1.weight.copy_(take(p + "input_layernorm.weight", (c.n_embd,)))
+                block.ln_2.weight.copy_(take(p + "post_attention_layernorm.weight",
+                                             (c.n_embd,)))
                 block.mlp.gate.weight.copy_(take(p + "mlp.gate_proj.weight", (c.n_ff, c.n_embd)))
                 block.mlp.up.weight.copy_(take(p + "mlp.up_proj.weight", (c.n_ff, c.n_embd)))
                 block.mlp.down.weight.copy_(take(p + "mlp.down_proj.weight", (c.n_embd, c.n_ff)))
@@ -288,7 +283,7 @@ class Llama(nn.Module):
 
 def _hf_names(config: LlamaConfig) -> list[str]:
     names = ["model.embed_tokens.weight", "model.norm.weight"]
-    if not config.tie_embeddings:
+    if not config.tie_weights:
         names.append("lm_head.weight")
     for i in range(config.n_layer):
         names += [f"model.layers.{i}.{n}.weight" for n in (

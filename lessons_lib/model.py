@@ -8,9 +8,11 @@
    ``x = x + attn(ln_1(x))`` then ``x = x + mlp(ln_2(x))``.
 4. :class:`GPTConfig`, :func:`count_parameters` (a GPT's parameters from its config),
    :func:`num_parameters` (any built model's), :func:`next_token_loss` (the loss of every
-   lessons_lib language model), :class:`KVCache` and :class:`GPT` -- token and position
-   embeddings, ``n_layer`` blocks, a final LayerNorm and the output head; the GPT-1/2/3
-   configurations; loading Hugging Face GPT-2 checkpoints.
+   lessons_lib language model), :class:`KVCache`, :class:`DecoderLM` (what the GPT and
+   lessons_lib.llama's Llama share: initialisation, ``block_size``, the parameter count, the
+   cache) and :class:`GPT` -- token and position embeddings, ``n_layer`` blocks, a final
+   LayerNorm and the output head; the GPT-1/2/3 configurations; loading Hugging Face GPT-2
+   checkpoints.
 
 Parameter names follow GPT-2's (``ln_1``, ``attn.c_attn``, ``attn.c_proj``, ``ln_2``,
 ``mlp.c_fc``, ``mlp.c_proj``) so its weights can be loaded by name.
@@ -33,8 +35,8 @@ from .attention import MultiHeadAttention
 from .checks import non_negative_int, positive_int, token_ids
 
 __all__ = ["sinusoidal_positions", "LearnedPositions", "MLP", "Block",
-           "GPTConfig", "count_parameters", "num_parameters", "next_token_loss", "KVCache", "GPT",
-           "LanguageModel"]
+           "GPTConfig", "count_parameters", "num_parameters", "next_token_loss", "KVCache",
+           "DecoderLM", "GPT", "LanguageModel"]
 
 
 @runtime_checkable
@@ -356,7 +358,38 @@ class KVCache:
         self._pos = 0
 
 
-class GPT(nn.Module):
+class DecoderLM(nn.Module):
+    """What :class:`GPT` and :class:`lessons_lib.llama.Llama` share around their blocks: a
+    ``config`` with ``block_size`` (and the sizes a :class:`KVCache` reads), the token
+    embedding ``wte`` (a new cache takes its device and dtype), GPT-2's initialisation and the
+    parameter count. A subclass builds its modules, then calls ``self.apply(self._init_weights)``.
+    """
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, LearnedPositions):
+            nn.init.normal_(module.weight, mean=0.0, std=0.01)
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    def num_parameters(self) -> int:
+        """Parameters counted once each (tied weights are one tensor): :func:`num_parameters`."""
+        return num_parameters(self)
+
+    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = self.wte.weight
+        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+
+
+class GPT(DecoderLM):
     """A decoder-only Transformer language model with GPT-2's layout and names."""
 
     def __init__(self, config: GPTConfig):
@@ -386,29 +419,6 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):
                 std = 0.02 / math.sqrt(2 * config.n_layer)
                 nn.init.normal_(p, mean=0.0, std=std)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        elif isinstance(module, LearnedPositions):
-            nn.init.normal_(module.weight, mean=0.0, std=0.01)
-
-    @property
-    def block_size(self) -> int:
-        return self.config.block_size
-
-    def num_parameters(self) -> int:
-        """Parameters counted once each (tied weights are one tensor): :func:`num_parameters`."""
-        return num_parameters(self)
-
-    def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        p = self.wte.weight
-        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
 
     def hidden_states(self, idx: torch.Tensor,
                       kv_cache: KVCache | None = None) -> torch.Tensor:

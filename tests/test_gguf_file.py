@@ -171,8 +171,8 @@ def q8_bound(w):
 def test_tiny_config_tensors_and_memory(tiny):
     f, weights = tiny
     assert f.config == G.GGUFConfig("llama", n_layer=1, n_embd=8, n_head=2, n_kv_head=1,
-                                    n_ff=16, vocab_size=259, context_length=32, rope_base=5e4,
-                                    norm_eps=pytest.approx(1e-6), tied_embeddings=True)
+                                    n_ff=16, vocab_size=259, block_size=32, rope_base=5e4,
+                                    norm_eps=pytest.approx(1e-6), tie_weights=True)
     assert f.config.head_dim == 4
     assert f.tensor_type("blk.0.attn_q.weight") == "Q8_0"
     emb = f.tensor("token_embd.weight")
@@ -255,8 +255,8 @@ def hf_tokenizer(smol):
 def test_smollm2_metadata_as_data_md_states(smol):
     c = smol.config
     assert (c.architecture, c.n_layer, c.n_embd, c.n_head, c.n_kv_head) == ("llama", 30, 576, 9, 3)
-    assert (c.head_dim, c.n_ff, c.vocab_size, c.context_length) == (64, 1536, 49152, 8192)
-    assert c.rope_base == 100000.0 and c.norm_eps == pytest.approx(1e-5) and c.tied_embeddings
+    assert (c.head_dim, c.n_ff, c.vocab_size, c.block_size) == (64, 1536, 49152, 8192)
+    assert c.rope_base == 100000.0 and c.norm_eps == pytest.approx(1e-5) and c.tie_weights
     assert len(smol.tensor_names) == 2 + 9 * 30 and "output.weight" not in smol.tensor_names
     mem = smol.parameter_memory()
     assert mem.n_params == 134_515_008

@@ -269,6 +269,26 @@ def test_bad_input():
         generate_until(model, [1], 0)
 
 
+def test_llama_speaks_the_gpts_names():
+    """One vocabulary for both models: the config fields and module names of model.py's GPT
+    (nanoGPT's), and the members both take from DecoderLM."""
+    from lessons_lib.model import GPT, DecoderLM, GPTConfig
+    shared = {"vocab_size", "block_size", "n_layer", "n_head", "n_embd", "tie_weights"}
+    assert shared <= set(vars(LlamaConfig())) and shared <= set(vars(GPTConfig()))
+    sizes = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8)
+    llama = Llama(LlamaConfig(**sizes, n_kv_head=1, n_ff=12))
+    gpt = GPT(GPTConfig(**sizes))
+    assert isinstance(llama, DecoderLM) and isinstance(gpt, DecoderLM)
+    children = lambda m: [name for name, _ in m.named_children()]
+    assert children(llama) == ["wte", "h", "ln_f", "lm_head"]
+    assert [n for n in children(gpt) if n not in ("wpe", "drop")] == children(llama)
+    assert children(llama.h[0]) == children(gpt.h[0]) == ["ln_1", "attn", "ln_2", "mlp"]
+    assert llama.lm_head.weight is llama.wte.weight             # tie_weights=True
+    untied = Llama(LlamaConfig(**sizes, n_kv_head=1, n_ff=12, tie_weights=False))
+    assert untied.num_parameters() == llama.num_parameters() + 11 * 8
+    assert llama.block_size == 8 and llama.new_kv_cache(1).k.shape == (2, 1, 1, 8, 4)
+
+
 # -- SmolLM2-135M-Instruct: our code against transformers on the same file -----------------
 
 @pytest.fixture(scope="module")

@@ -175,7 +175,7 @@ def _repeat(k: torch.Tensor, n_rep: int, tiled: bool = False) -> torch.Tensor:
 
 
 def check_repeat_kv(fn) -> None:
-    """``fn(k, n_rep)``: ``k`` (batch, n_kv_heads, T, head_dim). Return (batch, n_kv_heads *
+    """``fn(k, n_rep)``: ``k`` (batch, n_kv_head, T, head_dim). Return (batch, n_kv_head *
     n_rep, T, head_dim) where query head i gets key head i // n_rep: each head repeated n_rep
     times in place (0, 0, 1, 1, ...), the grouping grouped-query attention uses."""
     __tracebackhide__ = True
