@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import is_int, non_negative_int, positive_int
+from .checks import bool_mask, is_int, non_negative_int, positive_int
 
 __all__ = [
     "attention_with_weights",
@@ -49,29 +49,15 @@ __all__ = [
 
 
 # -----------------------------------------------------------------------------
-# input checks shared by the function and the module
+# the mask check shared by the function and the module
 
-def _check_mask(mask: torch.Tensor, scores_shape: torch.Size) -> None:
+def _check_attention_mask(mask: torch.Tensor, scores_shape: torch.Size) -> None:
     """A mask must be a bool tensor that broadcasts to ``scores_shape`` (..., T_q, T_k) and
     must leave every query row at least one key to attend to."""
-    if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"mask must be a torch.Tensor of dtype torch.bool, got {type(mask).__name__}")
-    if mask.dtype != torch.bool:
-        raise ValueError(
-            f"mask must have dtype torch.bool (True = may attend), got dtype {mask.dtype}; "
-            "an additive float mask is not accepted, convert it with `mask = additive == 0`")
-    try:
-        shape = torch.broadcast_shapes(mask.shape, scores_shape)
-    except RuntimeError:
-        shape = None
-    if shape != scores_shape:
-        raise ValueError(
-            f"mask of shape {tuple(mask.shape)} does not broadcast against the attention scores "
-            f"of shape {tuple(scores_shape)} (..., T_q, T_k)")
-    if not bool(mask.any(dim=-1).all()):
-        raise ValueError(
-            f"mask of shape {tuple(mask.shape)} has a query row where every key is masked out; "
-            "its softmax would divide by zero (NaN). Let every row attend to at least one key")
+    bool_mask("mask", mask, scores_shape, broadcast=True,
+              of="the attention scores (..., T_q, T_k)", meaning="True = may attend",
+              empty_row="every key is masked out for those queries, and a softmax over no key "
+                        "divides by zero (NaN): let every query attend to at least one key")
 
 
 # -----------------------------------------------------------------------------
@@ -132,7 +118,7 @@ def attention_with_weights(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              f"attention scores of shape {tuple(scores.shape)} (..., T_q, T_k)")
         scores = scores + bias.to(scores.dtype)
     if mask is not None:
-        _check_mask(mask, scores.shape)
+        _check_attention_mask(mask, scores.shape)
         scores = scores.masked_fill(~mask, float("-inf"))
     # numerically stable softmax: subtracting the row maximum changes nothing mathematically
     # but keeps exp() from overflowing; every row has a finite maximum (checked above)
@@ -375,7 +361,7 @@ class MultiHeadAttention(nn.Module):
 
         scores_shape = torch.Size((B, self.n_heads, T, T))
         if mask is not None:
-            _check_mask(mask, scores_shape)                  # the caller's mask, as given
+            _check_attention_mask(mask, scores_shape)        # the caller's mask, as given
         bias = (alibi_bias(self.n_heads, T, device=x.device, dtype=q.dtype)
                 if self.positions == "alibi" else None)      # (h, T, T)
         fused_causal = self.causal and mask is None and not return_weights and bias is None
@@ -385,7 +371,7 @@ class MultiHeadAttention(nn.Module):
                 mask = causal
             else:                                            # combined, a row may end up empty
                 mask = mask & causal
-                _check_mask(mask, scores_shape)
+                _check_attention_mask(mask, scores_shape)
 
         if return_weights:   # the explicit path: we need the weights to look at them
             y, weights = attention_with_weights(q, k, v, mask, bias=bias)

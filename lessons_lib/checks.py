@@ -5,6 +5,9 @@
 * :func:`number_in` -- a finite real number in an interval, e.g. [0, 1) or >= 0;
 * :func:`token_ids` -- an integer tensor of token ids: its type, dtype, number of dimensions
   and, given a vocabulary size, its range;
+* :func:`float_tensor` -- a floating-point tensor, optionally of a number of dimensions;
+* :func:`bool_mask` -- a bool mask of a shape (or one that broadcasts to it) with a True in
+  every row (an attention mask, a response mask);
 * :func:`eval_mode` -- run a block with a model in eval mode, then put it back in the mode it
   was in, even if the block raises.
 
@@ -20,8 +23,8 @@ from numbers import Real
 import torch
 
 __all__ = ["is_int", "positive_int", "non_negative_int", "positive_number", "number_in",
-           "is_integer_dtype",
-           "token_ids", "eval_mode"]
+           "is_integer_dtype", "shape_of", "float_tensor",
+           "token_ids", "bool_mask", "eval_mode"]
 
 
 def is_int(value) -> bool:
@@ -116,6 +119,43 @@ def token_ids(ids, name: str = "idx", *, ndim: int | None = 2, shape: str = "(ba
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"{name} must lie in 0..{vocab_size - 1}, got ids from {lo} to {hi}")
     return ids
+
+
+def bool_mask(name: str, mask, shape, *, broadcast: bool = False, of: str = "",
+              meaning: str = "", empty_row: str = "") -> torch.Tensor:
+    """Check that ``mask`` is a bool tensor of ``shape`` (with ``broadcast``: one that
+    broadcasts to ``shape``) with at least one True in every row, i.e. along its last
+    dimension, and return it unchanged.
+
+    For the messages: ``of`` names what has ``shape`` (e.g. "the attention scores
+    (..., T_q, T_k)"), ``meaning`` what a True means (e.g. "True = may attend"), and
+    ``empty_row`` what an all-False row would be and why it is refused."""
+    shape = tuple(shape)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = f"dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{name} must be a tensor of dtype torch.bool"
+                         + (f" ({meaning})" if meaning else "") + f", got {got}"
+                         + ("; convert a 0/1 mask with `.bool()`, an additive one (0 and -inf) "
+                            "with `== 0`" if isinstance(mask, torch.Tensor) else ""))
+    of = f" of {of}" if of else ""
+    if broadcast:
+        try:
+            fits = torch.broadcast_shapes(mask.shape, shape) == shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast to the "
+                             f"shape {shape}{of}")
+    elif tuple(mask.shape) != shape:
+        raise ValueError(f"{name} must have the shape {shape}{of}, got {tuple(mask.shape)}")
+    empty = ~mask.any(dim=-1)
+    if bool(empty.any()):
+        rows = empty.nonzero()[:5]
+        rows = rows.flatten() if empty.dim() == 1 else rows
+        raise ValueError(f"{name} of shape {tuple(mask.shape)} has rows with no True entry, "
+                         f"e.g. at {rows.tolist()}: "
+                         + (empty_row or "every row needs at least one True entry"))
+    return mask
 
 
 @contextlib.contextmanager

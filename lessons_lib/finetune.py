@@ -33,10 +33,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import eval_mode, non_negative_int, number_in, positive_int, positive_number, token_ids
+from .checks import non_negative_int, number_in, positive_int, positive_number, token_ids
 from .generate import generate
 from .model import next_token_loss, num_parameters
-from .runtime import choose_device, model_device
+from .runtime import choose_device
+from .scoring import encode_responses, response_logprobs
 
 __all__ = ["IGNORE", "ChatTemplate", "Example", "collate", "sft_loss", "SFTDataset",
            "build_sft_dataset", "sft_batch_fn", "generate_responses", "continuation_logprobs",
@@ -357,7 +358,6 @@ def generate_responses(model: nn.Module, template: ChatTemplate, tokenizer, prom
     return answers
 
 
-@torch.no_grad()
 def continuation_logprobs(model: nn.Module, contexts: Sequence[Sequence[int]],
                           continuations: Sequence[Sequence[int]],
                           batch_size: int = 128) -> torch.Tensor:
@@ -365,8 +365,9 @@ def continuation_logprobs(model: nn.Module, contexts: Sequence[Sequence[int]],
     the sum of the log-probabilities of the continuation's tokens, each given all before it.
 
     This is how a base model answers a multiple-choice question without generating: score
-    every allowed answer after the prompt and pick the likeliest. Sequences are right-padded
-    (a causal model's positions never see what comes after them), in eval mode.
+    every allowed answer after the prompt and pick the likeliest. Each context is followed by
+    each continuation and scored by :func:`lessons_lib.scoring.response_logprobs`, in eval
+    mode, ``batch_size`` contexts at a time, right-padded to the longest of them.
     """
     positive_int("batch_size", batch_size)
     lists = {}
@@ -382,23 +383,12 @@ def continuation_logprobs(model: nn.Module, contexts: Sequence[Sequence[int]],
     if longest > model.config.block_size:
         raise ValueError(f"a context and a continuation take up to {longest} tokens, more than "
                          f"block_size={model.config.block_size}")
-    device = model_device(model)
     scores = torch.empty(len(contexts), len(continuations))
-    with eval_mode(model):
-        for c, answer in enumerate(continuations):
-            answer_ids = torch.tensor(answer)
-            for start in range(0, len(contexts), batch_size):
-                chunk = contexts[start:start + batch_size]
-                lengths = torch.tensor([len(ctx) for ctx in chunk])
-                rows = [torch.tensor(ctx + answer) for ctx in chunk]
-                inputs = nn.utils.rnn.pad_sequence(rows, batch_first=True)     # (B, T), pad 0
-                logits, _ = model(inputs.to(device))
-                log_probs = F.log_softmax(logits.float().cpu(), dim=-1)
-                # the logits at position len(ctx) - 1 + j predict answer token j
-                where = lengths[:, None] - 1 + torch.arange(len(answer))        # (B, L)
-                picked = log_probs[torch.arange(len(chunk))[:, None], where]    # (B, L, V)
-                token_lp = picked.gather(-1, answer_ids.expand(len(chunk), -1)[..., None])
-                scores[start:start + len(chunk), c] = token_lp.squeeze(-1).sum(-1)
+    for c, answer in enumerate(continuations):
+        for start in range(0, len(contexts), batch_size):
+            chunk = contexts[start:start + batch_size]
+            idx, mask = encode_responses(chunk, [answer] * len(chunk), pad_id=0)
+            scores[start:start + len(chunk), c] = response_logprobs(model, idx, mask, batch_size)
     return scores
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .checks import eval_mode, positive_int, token_ids
 from .generate import generate
 from .runtime import model_device
+from .scoring import token_logprobs
 
 __all__ = ["CAPITALS", "make_names", "FactsWorld", "make_facts_world", "fact_text",
            "question_text", "note_text", "facts_batch_fn",
@@ -155,9 +156,10 @@ def choice_probs(model, tokenizer, prompts: list[str], candidates: list[str],
     """(len(prompts), len(candidates)): the probability the model gives each candidate answer.
 
     The candidates must start with distinct characters (the capitals do), so the first
-    character the model writes after the prompt picks its answer: the model's next-character
-    distribution, kept on the candidates' first characters and renormalised over them. Its
-    maximum is what we call the model's confidence. Prompts of any lengths (one forward each)."""
+    character the model writes after the prompt picks its answer: the log-probabilities of the
+    candidates' first characters (:func:`lessons_lib.scoring.token_logprobs`), renormalised
+    over the candidates by a softmax. The largest of these is what we call the model's
+    confidence. Prompts of any lengths, right-padded, ``batch_size`` per forward pass."""
     if not prompts or not candidates:
         raise ValueError("choice_probs needs at least one prompt and one candidate")
     firsts = [c[:1] for c in candidates]
@@ -178,8 +180,9 @@ def choice_probs(model, tokenizer, prompts: list[str], candidates: list[str],
             for r, c in enumerate(chunk):                  # padded on the right: causal, so
                 ids[r, :len(c)] = torch.tensor(c)          # the padding cannot change a prompt
             logits, _ = model(ids.to(device))
-            last = logits[torch.arange(len(chunk)), (lengths - 1).to(device)].float().cpu()
-            out[lo:lo + len(chunk)] = last[:, first_ids].softmax(-1)
+            last = logits[torch.arange(len(chunk)), (lengths - 1).to(device)].cpu()   # (B, V)
+            firsts_logp = token_logprobs(last, first_ids.expand(len(chunk), -1))     # (B, K)
+            out[lo:lo + len(chunk)] = firsts_logp.softmax(-1)
     return out
 
 

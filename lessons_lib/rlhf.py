@@ -8,8 +8,9 @@
    :func:`all_pairs_bradley_terry_loss` (every pair of a batch whose ratings differ by a
    margin), :func:`train_reward_model` and :func:`evaluate_reward_model`.
 2. Responses and their log-probabilities. :class:`Rollout` holds sampled responses and
-   :func:`response_mask` marks them; :func:`logprobs_from_logits`, :func:`sequence_logprobs`
-   and :func:`entropy_from_logits` score them; :func:`distinct_n` measures how varied they are.
+   :func:`response_mask` marks them; :mod:`lessons_lib.scoring` gives their log-probabilities
+   and :func:`entropy_from_logits` the entropy they were drawn with; :func:`distinct_n`
+   measures how varied they are.
 3. PPO's pieces. :class:`PolicyWithValue` (a GPT with a value head), :func:`rollout` (samples
    responses with the KV cache and scores them),
    :func:`kl_penalized_rewards` (the KL to a frozen reference folded into the reward),
@@ -22,7 +23,8 @@
 
 6. DPO (chapter 11): :func:`dpo_loss`, the Bradley-Terry loss on the policy's log-probability
    ratios to the reference (the implicit reward), with no reward model in the loop; pairs from
-   token lists (:func:`encode_responses`) or from groups of samples (:func:`best_and_worst`);
+   token lists (:func:`lessons_lib.scoring.encode_responses`) or from groups of samples
+   (:func:`best_and_worst`);
    :class:`DPOConfig`, :func:`train_dpo` and :func:`dpo_implicit_accuracy` on held-out pairs.
 7. GRPO (chapter 11): :func:`group_advantages` (a group of samples per prompt, normalised
    within the group; no value head), :func:`no_signal_fraction`, :func:`grpo_losses` (the
@@ -58,16 +60,18 @@ from .checks import (eval_mode, float_tensor, is_int, non_negative_int, number_i
 from .generate import generate
 from .model import GPT, GPTConfig, num_parameters
 from .runtime import model_device, threads_for, use_threads
+from .scoring import (check_response_mask, logprobs_from_logits, response_logprobs,
+                      sequence_logprobs)
 
 __all__ = ["RewardModel", "end_positions", "bradley_terry_loss", "pair_accuracy", "spearman",
            "encode_snippets", "preference_mask", "all_pairs_bradley_terry_loss",
            "RewardTrainConfig", "RewardTrainHistory", "train_reward_model", "score_texts",
            "RewardEvaluation", "evaluate_reward_model",
-           "Rollout", "rollout", "response_mask", "logprobs_from_logits", "entropy_from_logits",
-           "sequence_logprobs", "distinct_n", "PolicyWithValue", "kl_penalized_rewards", "gae",
+           "Rollout", "rollout", "response_mask", "entropy_from_logits", "distinct_n",
+           "PolicyWithValue", "kl_penalized_rewards", "gae",
            "PPOLosses", "ppo_losses", "PPOConfig", "PPOHistory", "ppo_step", "train_ppo",
            "PolicyEvaluation", "evaluate_policy", "best_of_n_kl", "BestOfN", "best_of_n",
-           "dpo_loss", "encode_responses", "best_and_worst", "DPOConfig", "DPOHistory",
+           "dpo_loss", "best_and_worst", "DPOConfig", "DPOHistory",
            "train_dpo", "dpo_implicit_accuracy",
            "group_advantages", "no_signal_fraction", "GRPOLosses", "grpo_losses", "pass_at_k",
            "mean_pass_at_k", "GRPOConfig", "GRPOHistory", "train_grpo"]
@@ -86,20 +90,6 @@ def _same_shape(**tensors) -> None:
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     if len(set(shapes.values())) > 1:
         raise ValueError(f"expected tensors of one shape, got {shapes}")
-
-
-def _check_mask(mask, shape) -> torch.Tensor:
-    """A (B, L) response mask: bool, the given shape, at least one token in every row."""
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        got = f"dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"mask must be a bool tensor, got {got}")
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"mask must have shape {tuple(shape)}, got {tuple(mask.shape)}")
-    empty = (~mask.any(dim=1)).nonzero().flatten()
-    if len(empty):
-        raise ValueError(f"rows {empty[:5].tolist()} have empty responses (no token in the "
-                         "mask): every sequence needs at least one response token")
-    return mask
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -496,41 +486,11 @@ def response_mask(sequences: torch.Tensor, prompt_length: int,
     return mask
 
 
-def _logits(model, idx: torch.Tensor) -> torch.Tensor:
-    """The logits of a lessons_lib model: ``model(idx)`` returns ``(logits, something)``."""
-    out = model(idx)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def logprobs_from_logits(logits: torch.Tensor, idx: torch.Tensor,
-                         temperature: float = 1.0) -> torch.Tensor:
-    """(B, L): ``log p(idx[:, t] | idx[:, :t])`` from the logits (B, L, V) of one forward pass
-    over ``idx`` (B, L); position 0, which nothing predicts, gets 0. The logits at ``t - 1``
-    predict token ``t``: a ``log_softmax`` and a ``gather`` of the tokens taken."""
-    logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)      # (B, L-1, V)
-    taken = logp.gather(-1, idx[:, 1:, None].long()).squeeze(-1)          # (B, L-1)
-    return F.pad(taken, (1, 0))
-
-
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """(B, L): the entropy of the distribution each token was drawn from (aligned like
-    :func:`logprobs_from_logits`; position 0 gets 0)."""
+    :func:`lessons_lib.scoring.logprobs_from_logits`; position 0 gets 0)."""
     logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
     return F.pad(-(logp.exp() * logp).sum(dim=-1), (1, 0))
-
-
-def sequence_logprobs(model, idx: torch.Tensor, mask: torch.Tensor,
-                      temperature: float = 1.0) -> torch.Tensor:
-    """(B, L): the log-probability ``model`` gives each token of ``idx`` (B, L) where ``mask``
-    is True, 0 elsewhere, from one forward pass. ``.sum(dim=1)`` is each response's
-    log-probability. ``mask[:, 0]`` must be False: nothing predicts the first token."""
-    token_ids(idx, "idx")
-    _check_mask(mask, idx.shape)
-    if mask[:, 0].any():
-        raise ValueError("mask[:, 0] must be False: the first token has no prediction")
-    positive_number("temperature", temperature)
-    logp = logprobs_from_logits(_logits(model, idx), idx, temperature)
-    return torch.where(mask, logp, 0.0)
 
 
 def distinct_n(seqs, n: int = 2) -> float:
@@ -619,7 +579,7 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor,
     float_tensor("logprobs", logprobs, ndim=2)
     float_tensor("ref_logprobs", ref_logprobs, ndim=2)
     _same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
-    _check_mask(mask, logprobs.shape)
+    check_response_mask(mask, logprobs.shape)
     if scores.shape != (logprobs.size(0),):
         raise ValueError(f"scores must have shape ({logprobs.size(0)},), one per sequence, "
                          f"got {tuple(scores.shape)}")
@@ -647,7 +607,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     float_tensor("rewards", rewards, ndim=2)
     float_tensor("values", values, ndim=2)
     _same_shape(rewards=rewards, values=values)
-    _check_mask(mask, rewards.shape)
+    check_response_mask(mask, rewards.shape)
     _finite("rewards", rewards)
     _finite("values", values)
     gamma, lam = number_in("gamma", gamma, 0.0, 1.0), number_in("lam", lam, 0.0, 1.0)
@@ -699,7 +659,7 @@ def ppo_losses(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch
     for name, t in tensors.items():
         float_tensor(name, t, ndim=2)
     _same_shape(**tensors)
-    _check_mask(mask, new_logp.shape)
+    check_response_mask(mask, new_logp.shape)
     clip, vf_clip = positive_number("clip", clip), positive_number("vf_clip", vf_clip)
 
     token_loss, ratio, log_ratio = _clipped_surrogate(new_logp, old_logp, advantages, mask, clip)
@@ -1039,9 +999,10 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     """Direct Preference Optimization (Rafailov et al., 2023), averaged over the pairs.
 
     Each argument is (pairs,): a response's log-probability summed over its response tokens
-    only (:func:`sequence_logprobs` ``.sum(1)``), under the policy or the frozen reference. The
-    implicit reward of a response is ``beta * (log pi(y|x) - log pi_ref(y|x))``, and the loss is
-    the Bradley-Terry negative log-likelihood of the preferences under that reward:
+    only (:func:`lessons_lib.scoring.sequence_logprobs` ``.sum(1)``), under the policy or the
+    frozen reference. The implicit reward of a response is
+    ``beta * (log pi(y|x) - log pi_ref(y|x))``, and the loss is the Bradley-Terry negative
+    log-likelihood of the preferences under that reward:
     ``-log sigmoid(r(chosen) - r(rejected))``. ``beta = 0``, or equal log-ratios, gives ln 2.
 
     Returns ``(loss, chosen_rewards, rejected_rewards)``; the rewards are detached.
@@ -1054,28 +1015,6 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps)
     loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
     return loss, chosen_rewards.detach(), rejected_rewards.detach()
-
-
-def encode_responses(prompts, responses, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(idx (B, L), mask (B, L))`` from token lists: row ``b`` is ``prompts[b]`` then
-    ``responses[b]``, right-padded with ``pad_id``; ``mask`` is True on the response's tokens
-    only, what :func:`sequence_logprobs` sums. Prompts may differ in length (human pairs)."""
-    if not isinstance(prompts, (list, tuple)) or not isinstance(responses, (list, tuple)) \
-            or not prompts or len(prompts) != len(responses):
-        raise ValueError("prompts and responses must be non-empty lists of token lists, one "
-                         "response per prompt")
-    if not is_int(pad_id) or pad_id < 0:
-        raise ValueError(f"pad_id must be a token id (an int >= 0), got {pad_id!r}")
-    for b, (prompt, response) in enumerate(zip(prompts, responses)):
-        if len(prompt) < 1 or len(response) < 1:
-            raise ValueError(f"row {b} has an empty prompt or response: each needs a token")
-    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
-    idx = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(prompts), width, dtype=torch.bool)
-    for b, (prompt, response) in enumerate(zip(prompts, responses)):
-        idx[b, :len(prompt) + len(response)] = torch.tensor(list(prompt) + list(response))
-        mask[b, len(prompt):len(prompt) + len(response)] = True
-    return idx, mask
 
 
 def best_and_worst(scores: torch.Tensor, group_size: int
@@ -1131,23 +1070,13 @@ def _check_pairs(chosen_idx, chosen_mask, rejected_idx, rejected_mask) -> int:
     for name, idx, mask in (("chosen", chosen_idx, chosen_mask),
                             ("rejected", rejected_idx, rejected_mask)):
         token_ids(idx, f"{name}_idx", shape="(pairs, L)")
-        _check_mask(mask, idx.shape)
+        check_response_mask(mask, idx.shape)
         if mask[:, 0].any():
             raise ValueError(f"{name}_mask[:, 0] must be False: the first token is the prompt's")
     if len(chosen_idx) != len(rejected_idx) or len(chosen_idx) == 0:
         raise ValueError(f"chosen and rejected must hold one row per pair, got "
                          f"{len(chosen_idx)} and {len(rejected_idx)} rows")
     return len(chosen_idx)
-
-
-def _response_logps(model: GPT, idx: torch.Tensor, mask: torch.Tensor,
-                    batch_size: int = 256) -> torch.Tensor:
-    """(B,): each response's log-probability under ``model``, in batches, without gradients."""
-    device = model_device(model)
-    with torch.no_grad(), eval_mode(model):
-        return torch.cat([sequence_logprobs(model, idx[i:i + batch_size].to(device),
-                                            mask[i:i + batch_size].to(device)).sum(dim=1).cpu()
-                          for i in range(0, len(idx), batch_size)])
 
 
 def _check_policy_and_reference(policy, reference) -> None:
@@ -1167,10 +1096,10 @@ def train_dpo(policy: GPT, reference: GPT, chosen_idx: torch.Tensor, chosen_mask
 
     Row ``i`` of ``chosen_idx`` (pairs, L) and of ``rejected_idx`` (pairs, L') is a prompt and
     the preferred (resp. the other) response; the masks mark the response tokens (a
-    :class:`Rollout`'s ``response_mask``, or :func:`encode_responses`). The reference's
-    log-probabilities are computed once, before training, without gradients: it never moves.
-    Each epoch visits the pairs in a new random order, ``config.batch_size`` per Adam step.
-    Dropout is off throughout, as in :func:`train_ppo`.
+    :class:`Rollout`'s ``response_mask``, or :func:`lessons_lib.scoring.encode_responses`). The
+    reference's log-probabilities are computed once, before training, without gradients: it
+    never moves. Each epoch visits the pairs in a new random order, ``config.batch_size`` per
+    Adam step. Dropout is off throughout, as in :func:`train_ppo`.
     """
     config = config or DPOConfig()
     _check_policy_and_reference(policy, reference)
@@ -1184,8 +1113,8 @@ def train_dpo(policy: GPT, reference: GPT, chosen_idx: torch.Tensor, chosen_mask
                mininterval=1.0)
     start = time.perf_counter()
     with eval_mode(policy), use_threads(history.threads):
-        ref_chosen = _response_logps(reference, chosen_idx, chosen_mask)
-        ref_rejected = _response_logps(reference, rejected_idx, rejected_mask)
+        ref_chosen = response_logprobs(reference, chosen_idx, chosen_mask)
+        ref_rejected = response_logprobs(reference, rejected_idx, rejected_mask)
         for _ in range(config.epochs):
             for rows in torch.randperm(n_pairs, generator=generator).split(config.batch_size):
                 policy_chosen = sequence_logprobs(policy, chosen_idx[rows].to(device),
@@ -1223,10 +1152,10 @@ def dpo_implicit_accuracy(policy: GPT, reference: GPT, chosen_idx: torch.Tensor,
         _check_policy_and_reference(policy, reference)
     _check_pairs(chosen_idx, chosen_mask, rejected_idx, rejected_mask)
     with use_threads(threads_for(num_parameters(policy))):
-        chosen = _response_logps(policy, chosen_idx, chosen_mask) \
-            - _response_logps(reference, chosen_idx, chosen_mask)
-        rejected = _response_logps(policy, rejected_idx, rejected_mask) \
-            - _response_logps(reference, rejected_idx, rejected_mask)
+        chosen = response_logprobs(policy, chosen_idx, chosen_mask) \
+            - response_logprobs(reference, chosen_idx, chosen_mask)
+        rejected = response_logprobs(policy, rejected_idx, rejected_mask) \
+            - response_logprobs(reference, rejected_idx, rejected_mask)
     return pair_accuracy(chosen, rejected)
 
 
@@ -1297,7 +1226,7 @@ def grpo_losses(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     for name, t in dict(new_logp=new_logp, old_logp=old_logp).items():
         float_tensor(name, t, ndim=2)
     _same_shape(new_logp=new_logp, old_logp=old_logp)
-    _check_mask(mask, new_logp.shape)
+    check_response_mask(mask, new_logp.shape)
     float_tensor("advantages", advantages, ndim=1)
     _finite("advantages", advantages)
     if advantages.shape[0] != new_logp.shape[0]:
@@ -1466,7 +1395,7 @@ def train_grpo(policy: GPT, reference: GPT, reward_fn, prompts: torch.Tensor,
             for _ in range(config.epochs):
                 order = torch.randperm(len(rewards), generator=generator).to(device)
                 for rows in order.tensor_split(min(config.minibatches, len(rewards))):
-                    logits = _logits(policy, batch.sequences[rows])
+                    logits, _ = policy(batch.sequences[rows])
                     new_logp = logprobs_from_logits(logits, batch.sequences[rows],
                                                     config.temperature)
                     losses = grpo_losses(new_logp, batch.logprobs[rows], advantages[rows],

@@ -136,3 +136,34 @@ def test_float_tensor_names_what_it_expected_and_what_came():
     with pytest.raises(ValueError, match="got list"):
         float_tensor("x", [1.0])
     assert shape_of(x) == "(2, 3)" and shape_of(3) == "int"
+
+
+def test_bool_mask_passes_a_good_mask_through():
+    from lessons_lib.checks import bool_mask
+    mask = torch.tril(torch.ones(4, 4, dtype=torch.bool))
+    assert bool_mask("mask", mask, (4, 4)) is mask
+    assert bool_mask("mask", mask, (2, 3, 4, 4), broadcast=True) is mask
+    padding = torch.tensor([[[True, True, False]]])                  # (1, 1, 3): keys 0 and 1
+    assert bool_mask("mask", padding, (2, 3, 3), broadcast=True) is padding
+
+
+@pytest.mark.parametrize("mask, shape, broadcast, message", [
+    ([[True]], (2, 3), False,
+     r"^m must be a tensor of dtype torch.bool \(True = kept\), got list$"),
+    (torch.ones(2, 3), (2, 3), False,
+     r"^m must be a tensor of dtype torch.bool \(True = kept\), got dtype torch.float32; "
+     r"convert a 0/1 mask with `.bool\(\)`"),
+    (torch.ones(2, 2, dtype=torch.bool), (2, 3), False,
+     r"^m must have the shape \(2, 3\) of idx, got \(2, 2\)$"),
+    (torch.ones(3, 3, dtype=torch.bool), (2, 3), True,
+     r"^m of shape \(3, 3\) does not broadcast to the shape \(2, 3\) of idx$"),
+    (torch.tensor([[True, False, False], [False, False, False]]), (2, 3), False,
+     r"^m of shape \(2, 3\) has rows with no True entry, e.g. at \[1\]: row 1 is empty$"),
+    (torch.zeros(2, 1, 3, dtype=torch.bool), (2, 2, 3), True,
+     r"has rows with no True entry, e.g. at \[\[0, 0\], \[1, 0\]\]"),
+])
+def test_bool_mask_says_what_it_expected_and_what_came(mask, shape, broadcast, message):
+    from lessons_lib.checks import bool_mask
+    with pytest.raises(ValueError, match=message):
+        bool_mask("m", mask, shape, broadcast=broadcast, of="idx", meaning="True = kept",
+                  empty_row="row 1 is empty")
