@@ -20,12 +20,13 @@ Read top to bottom:
    (one step per position) and :func:`selective_scan_parallel` (all positions at once, in
    ``log2 T`` rounds); :class:`MambaMixer`, the layer around it.
 4. **A mixture of experts** (Shazeer et al., 2017; Fedus et al., 2021): :class:`MoEMLP`
-   routes each token to its top-k of ``n_experts`` MLPs, keeps the router's load, and the
-   Switch Transformer's load-balancing loss; :func:`moe_parameter_counts` (total vs active).
+   routes each token to its top-k of ``n_experts`` MLPs and reports, in :class:`RouterStats`,
+   the router's load and the Switch Transformer's load-balancing loss;
+   :func:`moe_parameter_counts` (total vs active).
 5. **One language model for all of them**: :class:`MixerLM` (embeddings, pre-LN blocks of
    mixer + MLP, a head) with ``mixer`` one of :data:`MIXERS`, the same interface as
    :class:`lessons_lib.model.GPT` (``model(idx, targets) -> (logits, loss)``) so that
-   :func:`lessons_lib.train.train` trains it.
+   :func:`lessons_lib.train.train` trains it; :meth:`MixerLM.router_stats` reads its routers.
 6. **Images as tokens**: :func:`patchify` cuts images into patches, :class:`PatchClassifier`
    embeds them and classifies with :class:`lessons_lib.model.Block` (``causal=False``).
 7. **Memory for training**: :func:`saved_activation_bytes`, the bytes that autograd keeps
@@ -37,6 +38,7 @@ Every sequence tensor is batched; lengths are the second-to-last dimension ``T``
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -49,7 +51,7 @@ from .model import MLP, Block, LearnedPositions, next_token_loss
 __all__ = ["elu_feature_map", "linear_attention_parallel", "linear_attention_recurrent",
            "linear_attention_chunked", "LinearAttention", "wkv_parallel", "wkv_recurrent",
            "wkv_initial_state", "wkv_step", "RWKVTimeMix", "selective_scan",
-           "selective_scan_parallel", "MambaMixer", "MoEMLP", "load_balancing_loss",
+           "selective_scan_parallel", "MambaMixer", "MoEMLP", "RouterStats", "load_balancing_loss",
            "moe_parameter_counts", "MIXERS", "MixerLM", "patchify", "PatchClassifier",
            "saved_activation_bytes"]
 
@@ -463,17 +465,26 @@ def load_balancing_loss(router_probs: torch.Tensor, expert_index: torch.Tensor,
     return n_experts * (f * P).sum()
 
 
+class RouterStats(NamedTuple):
+    """What the router of a :class:`MoEMLP` did in one forward pass.
+
+    ``aux_loss`` (): :func:`load_balancing_loss` of the batch, with its gradient. ``load``
+    (n_experts,): the share of the assignments each expert received, summing to 1; detached.
+    Both are 0 when no token was routed (every position masked out)."""
+
+    aux_loss: torch.Tensor
+    load: torch.Tensor
+
+
 class MoEMLP(nn.Module):
-    """A mixture-of-experts MLP: ``(batch, T, n_embd) -> (batch, T, n_embd)``.
+    """A mixture-of-experts MLP: ``forward(x, mask=None) -> (y, stats)``, ``x`` and ``y``
+    (batch, T, n_embd), ``stats`` a :class:`RouterStats` of this batch.
 
     A router (``Linear(n_embd, n_experts)``, no bias) scores the experts for each token; the
     token goes to its ``top_k`` experts (each a :class:`lessons_lib.model.MLP`), whose outputs
     are added with the router's probabilities as weights (Switch Transformer: not renormalised,
-    so the router gets a gradient even for ``top_k = 1``). After each forward pass:
-
-    - ``self.aux_loss``: :func:`load_balancing_loss` of that batch (add
-      ``coef * aux_loss`` to the training loss to balance the experts);
-    - ``self.load``: the share of the assignments each expert received (sums to 1).
+    so the router gets a gradient even for ``top_k = 1``). Add ``coef * stats.aux_loss`` to the
+    training loss to balance the experts.
 
     ``mask`` (batch, T) bool leaves positions out (False: padding): they get output 0 and do
     not count in the load or the loss.
@@ -489,10 +500,9 @@ class MoEMLP(nn.Module):
         self.n_embd, self.n_experts, self.top_k = n_embd, n_experts, top_k
         self.router = nn.Linear(n_embd, n_experts, bias=False)
         self.experts = nn.ModuleList([MLP(n_embd, bias=bias) for _ in range(n_experts)])
-        self.aux_loss = torch.tensor(0.0)
-        self.load = torch.full((n_experts,), 1.0 / n_experts)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, RouterStats]:
         float_tensor("x", x, 3, f"(batch, T, n_embd={self.n_embd})")
         if x.shape[-1] != self.n_embd:
             raise ValueError(f"x must have shape (batch, T, {self.n_embd}), got {shape_of(x)}")
@@ -512,12 +522,17 @@ class MoEMLP(nn.Module):
             if rows.numel():
                 y = expert(chosen_tokens[rows]) * weight[rows, slot, None].to(x.dtype)
                 out = out.index_add(0, rows, y)
-        if keep.numel():
-            self.aux_loss = load_balancing_loss(probs, index, self.n_experts)
-            counts = torch.bincount(index.reshape(-1), minlength=self.n_experts).float()
-            self.load = (counts / counts.sum()).detach()
-        result = torch.zeros_like(tokens).index_copy(0, keep, out)
-        return result.view_as(x)
+        result = torch.zeros_like(tokens).index_copy(0, keep, out).view_as(x)
+        return result, self._stats(probs, index)
+
+    def _stats(self, probs: torch.Tensor, index: torch.Tensor) -> RouterStats:
+        """The :class:`RouterStats` of routing probabilities ``probs`` (n, n_experts) and
+        choices ``index`` (n, top_k) of ``n`` tokens."""
+        if index.numel() == 0:
+            return RouterStats(probs.new_zeros(()), probs.new_zeros(self.n_experts))
+        counts = torch.bincount(index.reshape(-1), minlength=self.n_experts).float()
+        return RouterStats(load_balancing_loss(probs, index, self.n_experts),
+                           (counts / counts.sum()).detach())
 
 
 def moe_parameter_counts(model: nn.Module) -> dict:
@@ -559,9 +574,16 @@ class MixerBlock(nn.Module):
         if mlp:
             self.mlp = MoEMLP(n_embd, n_experts, top_k) if n_experts > 1 else MLP(n_embd)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats | None]:
+        """``(x, stats)``: the block's output (batch, T, n_embd), and the :class:`RouterStats`
+        of its :class:`MoEMLP` (None without one)."""
         x = x + self.mixer(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x)) if self.mlp is not None else x
+        if self.mlp is None:
+            return x, None
+        if isinstance(self.mlp, MoEMLP):
+            y, stats = self.mlp(self.ln_2(x))
+            return x + y, stats
+        return x + self.mlp(self.ln_2(x)), None
 
 
 class MixerLM(nn.Module):
@@ -574,7 +596,8 @@ class MixerLM(nn.Module):
     of their load-balancing losses to the training loss. ``mlp=False`` drops the MLPs (Mamba
     stacks mixers only). ``d_state`` and ``expand`` size the Mamba mixers (8 and 1: smaller
     than the paper's 16 and 2, to train in seconds on a CPU).
-    ``forward(idx, targets=None) -> (logits, loss)`` like GPT.
+    ``forward(idx, targets=None) -> (logits, loss)`` like GPT; :meth:`router_stats` reports
+    what the routers did on a batch.
     """
 
     def __init__(self, vocab_size: int, block_size: int, mixer: str = "attention",
@@ -608,10 +631,8 @@ class MixerLM(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
-    def moe_layers(self) -> list[MoEMLP]:
-        return [m for m in self.modules() if isinstance(m, MoEMLP)]
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def _run(self, idx: torch.Tensor) -> tuple[torch.Tensor, list[RouterStats]]:
+        """``(logits (batch, T, vocab_size), one RouterStats per MoE block)`` of ``idx``."""
         token_ids(idx, "idx", vocab_size=self.vocab_size)
         T = idx.shape[1]
         if not 1 <= T <= self.block_size:
@@ -619,15 +640,27 @@ class MixerLM(nn.Module):
         x = self.wte(idx.long())
         if self.wpe is not None:
             x = x + self.wpe(T)
+        router_stats = []
         for block in self.blocks:
-            x = block(x)
-        logits = self.lm_head(self.ln_f(x))
+            x, stats = block(x)
+            if stats is not None:
+                router_stats.append(stats)
+        return self.lm_head(self.ln_f(x)), router_stats
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        logits, router_stats = self._run(idx)
         if targets is None:
             return logits, None
         loss = next_token_loss(logits, targets)
         if self.aux_coef and self.training:
-            loss = loss + self.aux_coef * sum(m.aux_loss for m in self.moe_layers())
+            loss = loss + self.aux_coef * sum(s.aux_loss for s in router_stats)
         return logits, loss
+
+    def router_stats(self, idx: torch.Tensor) -> list[RouterStats]:
+        """What each MoE block's router does with ``idx`` (batch, T): one :class:`RouterStats`
+        per block, first block first (empty without experts), from one forward pass in the
+        mode the model is in."""
+        return self._run(idx)[1]
 
 
 # -----------------------------------------------------------------------------

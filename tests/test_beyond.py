@@ -314,7 +314,7 @@ def test_moe_matches_direct_computation_with_mask():
     x = torch.randn(2, 5, 8)
     mask = torch.ones(2, 5, dtype=torch.bool)
     mask[1, 3:] = False
-    y = moe(x, mask)
+    y, stats = moe(x, mask)
     want = torch.zeros(2, 5, 8)
     chosen = []
     for b in range(2):
@@ -328,15 +328,26 @@ def test_moe_matches_direct_computation_with_mask():
                 want[b, t] += probs[e] * moe.experts[e](x[b, t][None])[0]
     torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
     counts = torch.bincount(torch.tensor(chosen), minlength=4).float()
-    torch.testing.assert_close(moe.load, counts / counts.sum())
-    assert math.isclose(float(moe.load.sum()), 1.0, abs_tol=1e-6)
+    torch.testing.assert_close(stats.load, counts / counts.sum())
+    assert math.isclose(float(stats.load.sum()), 1.0, abs_tol=1e-6)
+    probs = torch.softmax(x[mask] @ moe.router.weight.T, -1)       # the kept tokens only
+    want_aux = load_balancing_loss(probs, torch.tensor(chosen).view(-1, 2), 4)
+    torch.testing.assert_close(stats.aux_loss, want_aux)
+    assert not hasattr(moe, "aux_loss") and not hasattr(moe, "load")    # nothing kept on it
+
+
+def test_moe_with_every_position_masked_reports_zeros():
+    moe = MoEMLP(8, n_experts=3)
+    y, stats = moe(torch.randn(2, 4, 8), torch.zeros(2, 4, dtype=torch.bool))
+    assert (y == 0).all() and stats.aux_loss.item() == 0.0
+    assert stats.load.tolist() == [0.0, 0.0, 0.0]
 
 
 def test_moe_router_gets_gradient_with_top1_and_aux_loss():
     torch.manual_seed(1)
     moe = MoEMLP(8, n_experts=3, top_k=1)
-    y = moe(torch.randn(2, 6, 8))
-    (y.square().sum() + moe.aux_loss).backward()
+    y, stats = moe(torch.randn(2, 6, 8))
+    (y.square().sum() + stats.aux_loss).backward()
     assert moe.router.weight.grad.abs().sum() > 0
 
 
@@ -414,8 +425,11 @@ def test_mixer_lm_aux_loss_and_bad_input():
     aux = MixerLM(11, 12, n_embd=16, n_head=2, n_experts=4, aux_coef=0.5)
     _, loss0 = plain(idx, idx)
     _, loss1 = aux(idx, idx)
-    extra = 0.5 * sum(m.aux_loss for m in aux.moe_layers())
+    stats = aux.router_stats(idx)
+    assert len(stats) == 2 and all(s.load.shape == (4,) for s in stats)
+    extra = 0.5 * sum(s.aux_loss for s in stats)
     torch.testing.assert_close(loss1, loss0 + extra)
+    assert MixerLM(11, 12, n_embd=16, n_head=2).router_stats(idx) == []     # no experts
     aux.eval()
     torch.testing.assert_close(aux(idx, idx)[1], loss0)          # evaluation: the LM loss only
     with pytest.raises(ValueError, match="mixer"):
