@@ -156,77 +156,18 @@ def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> fl
 # -----------------------------------------------------------------------------
 # 4. peak memory, measured by the operating system in a fresh process
 
-# The measuring process. For each length: make q, k, v, run attention once on a tiny slice (so
-# one-off allocations such as thread pools are not counted), note the memory in use, run attention
-# at full size, note the peak, report the difference in bytes. On Linux the kernel's high-water
-# mark can be reset to the memory in use now, so one process measures every length in turn and no
-# earlier peak (importing torch, a longer sequence) can hide a later one. Elsewhere the peak so far
-# is the baseline, so each length needs a process of its own ("separate": the parent starts them).
-_CHILD = r"""
-import gc, json, sys
-import torch
-import torch.nn.functional as F
-from lessons_lib.attention import attention_with_weights
-
-def proc_status(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024          # the kernel reports kB
-
-def reset_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:       # Linux: "5" resets the high-water mark
-            f.write("5")
-        return proc_status("VmHWM") is not None
-    except OSError:
-        return False
-
-def peak_so_far():
-    try:
-        import resource
-    except ImportError:                                      # Windows
-        import psutil
-        return psutil.Process().memory_info().peak_wset
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024   # bytes on macOS, KiB elsewhere
-
-a = json.loads(sys.argv[1])
-if a["fused"]:
-    attend = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)
-else:
-    attend = lambda q, k, v: attention_with_weights(q, k, v)[0]
-can_reset = False if a.get("no_reset") else reset_peak()     # no_reset: the tests' way to try
-if not can_reset and len(a["sizes"]) > 1:
-    print(json.dumps({"separate": True}))
-    sys.exit(0)
-extra = []
-for n in a["sizes"]:
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(a["batch_size"], a["n_heads"], n, a["head_dim"]) for _ in range(3))
-    attend(q[..., :8, :], k[..., :8, :], v[..., :8, :])
-    gc.collect()
-    if can_reset:
-        reset_peak()
-        before = proc_status("VmRSS")
-        out = attend(q, k, v)
-        after = proc_status("VmHWM")
-    else:
-        before = peak_so_far()
-        out = attend(q, k, v)
-        after = peak_so_far()
-    extra.append(max(0, after - before))
-    del q, k, v, out
-    gc.collect()
-print(json.dumps({"extra_bytes": extra}))
-"""
+# The measuring process is lessons_lib/_attention_memory_child.py, run with `python -m` (it
+# explains how it measures). On Linux one process measures every length; elsewhere it answers
+# {"separate": true} to a list of lengths, and the parent starts one process per length.
+_CHILD_MODULE = "lessons_lib._attention_memory_child"
 
 
 # The measuring process is started by a small Python process that imports nothing and only
 # starts it. A process inherits the peak memory of the process it was forked from (on Linux,
 # ``ru_maxrss`` survives fork and exec), and the parent here is often a notebook holding hundreds
 # of megabytes; the small go-between keeps that inherited peak small.
-_LAUNCHER = "import subprocess, sys; sys.exit(subprocess.run([sys.executable, '-c'] + sys.argv[1:]).returncode)"
+_LAUNCHER = ("import subprocess, sys; "
+             "sys.exit(subprocess.run([sys.executable] + sys.argv[1:]).returncode)")
 
 
 # glibc (Linux) serves a large allocation straight from the operating system and hands it back
@@ -238,8 +179,8 @@ _CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 def _run_child(sizes: list[int], settings: dict) -> dict:
     args = json.dumps({"sizes": sizes, **settings})
-    done = subprocess.run([sys.executable, "-c", _LAUNCHER, _CHILD, args], capture_output=True, text=True,
-                          env={**os.environ, **_CHILD_ENV})
+    done = subprocess.run([sys.executable, "-c", _LAUNCHER, "-m", _CHILD_MODULE, args],
+                          capture_output=True, text=True, env={**os.environ, **_CHILD_ENV})
     if done.returncode != 0:
         raise RuntimeError(f"the measuring process for N={sizes} failed (exit code "
                            f"{done.returncode}):\n{done.stderr.strip()[-2000:]}")
