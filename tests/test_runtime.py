@@ -146,7 +146,7 @@ def test_time_interleaved_runs_each_function_in_rounds_and_reports_the_best():
     fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
     result = rt.time_interleaved(fns, repeats=3, warmup=1)
     assert calls == ["a", "b"] * 4                      # warmup round, then 3 interleaved rounds
-    assert set(result) == {"a", "b", "spread"} and result["a"] > 0 and result["spread"]["b"] >= 1
+    assert set(result) == {"a", "b", "spread"} and set(result["spread"]) == {"a", "b"}
 
 
 def test_time_interleaved_sees_which_is_slower(monkeypatch):
