@@ -925,9 +925,10 @@ def evaluate_policy(policy, reference: GPT, reward_fns, prompts: torch.Tensor,
 
 
 def best_of_n_kl(n) -> float:
-    """KL(best-of-n || base) = ``ln n - (n - 1) / n`` nats: the exact KL of picking the best of
-    ``n`` independent samples by a score with no ties (Stiennon et al., 2020, appendix; Beirami
-    et al., 2024, show it is an upper bound when ties are possible). 0 for ``n = 1``."""
+    """``ln n - (n - 1) / n`` nats: the KL(best-of-n || base) of picking the best of ``n``
+    independent samples by a score with no ties when no two samples can be equal (continuous
+    outputs; Stiennon et al., 2020, appendix), and an upper bound on it for discrete outputs
+    such as text, where a sample can repeat (Beirami et al., 2024). 0 for ``n = 1``."""
     if not (is_int(n) and n >= 1):
         raise ValueError(f"n must be an int >= 1, got {n!r}")
     return math.log(n) - (n - 1) / n
@@ -938,7 +939,7 @@ class BestOfN:
     """Best-of-n by one score, for each ``n``: what the picked sample scores, on average."""
 
     n: list[int]
-    kl: list[float]                  # best_of_n_kl(n): nats from the base model
+    kl: list[float]                  # best_of_n_kl(n): the bound on the KL to the base model
     scores: dict[str, list[float]]   # by name: the mean score of the picked samples
 
 
@@ -1218,7 +1219,8 @@ def grpo_losses(new_logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     ``ref_logp`` is needed when ``kl_coef > 0``.
 
     ``aggregation`` says how tokens are averaged. "token": over every response token of the
-    batch at once, so each token counts the same (DAPO, Dr. GRPO; what this course uses).
+    batch at once, so each token counts the same (DAPO's token mean, TRL's ``loss_type="bnpo"``;
+    what this course uses; Dr. GRPO divides the same sum by a constant instead).
     "sequence": over each sequence's tokens, then over sequences (the original GRPO): a token
     of a short response then weighs more than one of a long response, which biases the
     policy's response length.
