@@ -258,8 +258,10 @@ def course_recipe(name: str, steps: int | None):
         raise SystemExit(f"error: unknown recipe {name!r}; the named recipes are {list(RECIPES)}")
     recipe = RECIPES[name]
     if steps:
-        warmup = round(steps * recipe.warmup_steps / recipe.max_steps)
-        recipe = dataclasses.replace(recipe, max_steps=steps, warmup_steps=warmup, eval_interval=steps)
+        warmup = round(steps * recipe.train.warmup_steps / recipe.train.max_steps)
+        train = dataclasses.replace(recipe.train, max_steps=steps, warmup_steps=warmup,
+                                    eval_interval=steps)
+        recipe = dataclasses.replace(recipe, train=train)
     return recipe
 
 
@@ -270,9 +272,7 @@ def train_ours(name: str, steps: int | None, threads: int | None, result_path: P
     if threads:
         torch.set_num_threads(threads)
     _, _, report = train_shakespeare_char(course_recipe(name, steps), progress=False)
-    precision = getattr(report, "precision", None) or report.recipe.get("precision")
-    if precision is None:                         # a report from before the precision field
-        precision = "bf16 autocast (recipe.bf16)" if report.recipe.get("bf16") else "fp32 (recipe.bf16 off)"
+    precision = report.precision
     history = report.history
     result = {"recipe_name": name + (f" shortened to {steps} steps" if steps else ""),
               "recipe": report.recipe, "precision": precision, "device": report.device,
@@ -338,7 +338,8 @@ def print_report(result: dict) -> None:
         print(f"  exact val      : {nano['exact_val_loss']:8.4f}   (evaluate_split, every val token once)")
     else:
         print("nanoGPT run      : skipped (--skip-nanogpt)")
-    recipe = ", ".join(f"{k}={v}" for k, v in ours["recipe"].items())
+    fields = {"corpus": ours["recipe"]["corpus"], **ours["recipe"]["model"], **ours["recipe"]["train"]}
+    recipe = ", ".join(f"{k}={v}" for k, v in fields.items())
     print(f"ours             : recipe {ours['recipe_name']}: {recipe}")
     print(f"  run            : {ours['parameters']:,} parameters, {ours['precision']} on {ours['device']}, "
           f"{ours['torch_threads']} torch threads, training {ours['train_seconds']:.1f} s of the process")

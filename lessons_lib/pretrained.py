@@ -49,9 +49,11 @@ __all__ = ["Recipe", "RECIPES", "CORPORA", "PretrainReport", "evaluate_split", "
            "END_OF_TEXT"]
 
 # bump when the meaning of a recipe changes (data, model code) so old caches are not reused
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 END_OF_TEXT = "<|endoftext|>"        # separates the movie snippets; a special token of their BPE
-CORPUS_NAMES = ("shakespeare-char", "movie-snippets-bpe1024")    # what CORPORA (below) builds
+# what CORPORA (below) builds, and the size of each corpus's tokenizer
+CORPUS_VOCAB = {"shakespeare-char": 64, "movie-snippets-bpe1024": 1024}
+CORPUS_NAMES = tuple(CORPUS_VOCAB)
 
 
 # -----------------------------------------------------------------------------
@@ -103,74 +105,84 @@ def evaluate_split(model, ids: torch.Tensor, block_size: int | None = None, batc
 # -----------------------------------------------------------------------------
 # 2. the recipe
 
+def _model(**sizes) -> GPTConfig:
+    return GPTConfig(**{"vocab_size": 64, "block_size": 64, "n_layer": 2, "n_head": 4,
+                        "n_embd": 128, **sizes})
+
+
+def _train(**settings) -> TrainConfig:
+    return TrainConfig(**{"max_steps": 1800, "batch_size": 8, "block_size": 64, "lr": 6e-3,
+                          "min_lr_ratio": 0.1, "warmup_steps": 54, "weight_decay": 0.1,
+                          "betas": (0.9, 0.99), "grad_clip": 1.0, "eval_interval": 450,
+                          "eval_batches": 20, "precision": "auto", "seed": 1337, **settings})
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """Everything that decides the trained weights: the model's sizes and the training run.
+    """Everything that decides the trained weights: the model (a :class:`GPTConfig`), the
+    training run (a :class:`TrainConfig`) and the corpus.
 
     The default is chapter 7's: 2 layers, 4 heads, 128 wide, 64-character windows; batches of 8
     windows and a high learning rate (on a 2-core CPU a large batch costs nearly as much per
     token as a small one, so small batches buy many more updates); 3% warmup then a cosine to a
-    tenth; a fixed number of steps, so the run is deterministic.
+    tenth; a fixed number of steps, so the run is deterministic. A variant is a ``replace``:
+    ``replace(recipe, train=replace(recipe.train, seed=1))``.
 
-    ``precision`` "auto" lets :mod:`lessons_lib.runtime` choose: bfloat16 autocast where the
-    hardware computes it natively, float32 elsewhere. The two give slightly different weights,
-    so the precision that actually ran is part of the cache key (:meth:`resolved`).
+    ``model.vocab_size`` is the corpus's (:data:`CORPUS_VOCAB`), ``model.block_size`` the
+    training windows'. ``train.precision`` "auto" lets :mod:`lessons_lib.runtime` choose:
+    bfloat16 autocast where the hardware computes it natively, float32 elsewhere. The two give
+    slightly different weights, so the precision that actually ran is part of the cache key
+    (:meth:`resolved`). The training run's ``device`` and ``progress`` are not part of the
+    recipe: :meth:`train_config` sets them.
     """
 
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 64
-    dropout: float = 0.0
-    batch_size: int = 8
-    max_steps: int = 1800
-    lr: float = 6e-3
-    warmup_steps: int = 54
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    precision: str = "auto"
-    seed: int = 1337
-    eval_interval: int = 450
-    eval_batches: int = 20
+    model: GPTConfig = field(default_factory=_model)
+    train: TrainConfig = field(default_factory=_train)
     corpus: str = "shakespeare-char"     # one of CORPORA: the text and its tokenizer
 
     def __post_init__(self):
-        if self.corpus not in CORPUS_NAMES:
+        if self.corpus not in CORPUS_VOCAB:
             raise ValueError(f"unknown corpus {self.corpus!r}; the corpora are {list(CORPUS_NAMES)}")
-        self.model_config(64)            # let GPTConfig and TrainConfig check the numbers
-        self.train_config()
-
-    def model_config(self, vocab_size: int) -> GPTConfig:
-        return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_layer=self.n_layer,
-                         n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout)
+        if not isinstance(self.model, GPTConfig) or not isinstance(self.train, TrainConfig):
+            raise ValueError(f"Recipe needs a GPTConfig and a TrainConfig, got "
+                             f"{type(self.model).__name__} and {type(self.train).__name__}")
+        if self.model.vocab_size != CORPUS_VOCAB[self.corpus]:
+            raise ValueError(f"model.vocab_size must be the {self.corpus!r} tokenizer's "
+                             f"{CORPUS_VOCAB[self.corpus]}, got {self.model.vocab_size}")
+        if self.model.block_size != self.train.block_size:
+            raise ValueError(f"model.block_size ({self.model.block_size}) and train.block_size "
+                             f"({self.train.block_size}) must be the same: the model is "
+                             "trained on windows as long as its context")
 
     def resolved(self, device: str = "auto") -> "Recipe":
-        """This recipe with ``precision`` "auto" replaced by the runtime's choice on ``device``."""
-        if self.precision != "auto":
+        """This recipe with ``train.precision`` "auto" replaced by the runtime's choice on
+        ``device``."""
+        if self.train.precision != "auto":
             return self
-        return replace(self, precision=choose_precision(choose_device(device))[0])
+        precision = choose_precision(choose_device(device))[0]
+        return replace(self, train=replace(self.train, precision=precision))
 
     def train_config(self, device: str = "auto", progress: bool = True) -> TrainConfig:
-        return TrainConfig(max_steps=self.max_steps, batch_size=self.batch_size, block_size=self.block_size,
-                           lr=self.lr, min_lr_ratio=self.min_lr_ratio, warmup_steps=self.warmup_steps,
-                           weight_decay=self.weight_decay, betas=(self.beta1, self.beta2),
-                           grad_clip=self.grad_clip, eval_interval=self.eval_interval,
-                           eval_batches=self.eval_batches, precision=self.precision, seed=self.seed,
-                           device=device, progress=progress)
+        """``train`` for a run on ``device``, with or without a progress bar."""
+        return replace(self.train, device=device, progress=progress)
 
     @property
     def tokens(self) -> int:
         """Training tokens the recipe reads: steps x batch x block."""
-        return self.max_steps * self.batch_size * self.block_size
+        return self.train.max_steps * self.train.batch_size * self.train.block_size
+
+    def to_dict(self) -> dict:
+        """The fields that decide the weights, as JSON would hold them (not the run's
+        ``device`` and ``progress``)."""
+        train = {k: v for k, v in asdict(self.train).items() if k not in ("device", "progress")}
+        return json.loads(json.dumps({"corpus": self.corpus, "model": asdict(self.model),
+                                      "train": train}))
 
     def key(self, device: str = "auto") -> str:
-        """A short hash of every field, with the precision resolved (and of the cache format):
-        the cache file's name."""
-        fields = asdict(self.resolved(device))
-        text = json.dumps({"format": FORMAT_VERSION, **fields}, sort_keys=True)
+        """A short hash of :meth:`to_dict` with the precision resolved (and of the cache
+        format): the cache file's name."""
+        text = json.dumps({"format": FORMAT_VERSION, **self.resolved(device).to_dict()},
+                          sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -180,11 +192,14 @@ RECIPES: dict[str, Recipe] = {
     "1min": Recipe(),
     # a longer run: 4 layers, 9,000 steps at lr 3e-3 (about 3 minutes where bfloat16 is native,
     # about 6 in float32 on an AVX2 CPU); validation loss about 1.53
-    "3min": Recipe(n_layer=4, max_steps=9000, lr=3e-3, warmup_steps=270, eval_interval=1500),
+    "3min": Recipe(model=_model(n_layer=4),
+                   train=_train(max_steps=9000, lr=3e-3, warmup_steps=270, eval_interval=1500)),
     # chapters 9-11's base model: 4 layers x 128 on the training snippets, 200 steps of 64 x 64
-    # tokens (about 136 s on one AVX2 thread, val about 4.5 nats per token)
-    "movies": Recipe(corpus="movie-snippets-bpe1024", n_layer=4, batch_size=64, max_steps=200,
-                     lr=3e-3, warmup_steps=6, eval_interval=100, eval_batches=10),
+    # tokens (about a minute in float32 on 2 AVX2 cores, val about 4.7 nats per token)
+    "movies": Recipe(model=_model(vocab_size=1024, n_layer=4),
+                     train=_train(batch_size=64, max_steps=200, lr=3e-3, warmup_steps=6,
+                                  eval_interval=100, eval_batches=10),
+                     corpus="movie-snippets-bpe1024"),
 }
 
 
@@ -195,7 +210,7 @@ RECIPES: dict[str, Recipe] = {
 class PretrainReport:
     """What a pre-trained model is and how well it does."""
 
-    recipe: dict                     # the Recipe's fields, precision resolved
+    recipe: dict                     # Recipe.to_dict(), precision resolved
     key: str                         # the recipe's hash (the cache file's name)
     val_loss: float                  # evaluate_split on the whole val split
     train_seconds: float             # wall time of training: the steps and the periodic evaluations
@@ -296,11 +311,15 @@ def train_pretrained(recipe: Recipe | str | None = None, callback=None, progress
     :func:`lessons_lib.train.train`. The model comes back in eval mode.
     """
     recipe = _as_recipe(recipe)
-    rt = runtime(device, None if recipe.precision == "auto" else recipe.precision)
-    recipe = replace(recipe, precision=rt.precision)
+    precision = recipe.train.precision
+    rt = runtime(device, None if precision == "auto" else precision)
+    recipe = replace(recipe, train=replace(recipe.train, precision=rt.precision))
     tokenizer, train_ids, val_ids = CORPORA[recipe.corpus]()
-    torch.manual_seed(recipe.seed)
-    model = GPT(recipe.model_config(tokenizer.vocab_size))
+    if tokenizer.vocab_size != recipe.model.vocab_size:
+        raise ValueError(f"the {recipe.corpus!r} tokenizer has {tokenizer.vocab_size} tokens, "
+                         f"the recipe's model {recipe.model.vocab_size}")
+    torch.manual_seed(recipe.train.seed)
+    model = GPT(recipe.model)
     in_callback = [0.0]
 
     def timed_callback(step, model, history):      # the caller's work is not training time
@@ -313,8 +332,8 @@ def train_pretrained(recipe: Recipe | str | None = None, callback=None, progress
                     callback=timed_callback if callback is not None else None)
     seconds = time.perf_counter() - start - in_callback[0]
     model.eval()
-    report = PretrainReport(recipe=asdict(recipe), key=recipe.key(rt.device),
-                            val_loss=evaluate_split(model, val_ids, recipe.block_size),
+    report = PretrainReport(recipe=recipe.to_dict(), key=recipe.key(rt.device),
+                            val_loss=evaluate_split(model, val_ids, recipe.model.block_size),
                             train_seconds=seconds, steps=len(history.step), tokens=history.tokens,
                             parameters=model.num_parameters(), history=asdict(history),
                             device=rt.device, precision=history.precision, precision_reason=rt.reason,
@@ -349,10 +368,10 @@ def _load(recipe: Recipe, path: Path, device: str):
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get("lessons_lib", "{}"))
     tokenizer = _tokenizer_from_json(meta["tokenizer"])
-    model = GPT(recipe.model_config(tokenizer.vocab_size))
+    model = GPT(recipe.model)
     load_checkpoint(model, path)
     info = meta["report"]
-    if info.get("recipe") != asdict(recipe):
+    if info.get("recipe") != recipe.to_dict():
         raise ValueError(f"{path} holds a model for another recipe")
     report = PretrainReport(**info, from_cache=True, path=str(path))
     return model.to(choose_device(device)).eval(), tokenizer, report

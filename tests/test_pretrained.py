@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, fields, replace
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -11,12 +11,28 @@ import torch.nn as nn
 
 from lessons_lib import pretrained
 from lessons_lib.model import GPT, GPTConfig
+from lessons_lib.train import TrainConfig
 from lessons_lib.pretrained import (RECIPES, Recipe, cache_path, evaluate_split, shakespeare_char,
                                     shakespeare_data)
 
 TINY_MODEL = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16)
-TINY_RECIPE = Recipe(n_layer=1, n_head=2, n_embd=16, block_size=16, batch_size=4, max_steps=6,
-                     warmup_steps=1, eval_interval=3, eval_batches=1, precision="fp32")
+TINY_RECIPE = Recipe(
+    model=GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16),
+    train=TrainConfig(block_size=16, batch_size=4, max_steps=6, warmup_steps=1,
+                      eval_interval=3, eval_batches=1, precision="fp32"))
+
+
+def with_train(recipe, **changes):
+    """``recipe`` with some of its training settings changed."""
+    return replace(recipe, train=replace(recipe.train, **changes))
+
+
+def tiny_movies():
+    """The movie recipe, shrunk to a few steps of a 1-layer model."""
+    movies = RECIPES["movies"]
+    return replace(movies, model=replace(movies.model, n_layer=1, n_embd=32, n_head=2),
+                   train=replace(movies.train, batch_size=4, max_steps=3, warmup_steps=1,
+                                 eval_interval=3, eval_batches=2))
 
 
 def tiny_model(seed=0):
@@ -102,39 +118,76 @@ def test_evaluate_split_errors():
 # -- recipes ---------------------------------------------------------------------------------
 
 def test_every_field_of_the_recipe_is_in_the_key():
+    """Every number of the model and of the training run changes the key; the run's device
+    and progress bar do not."""
     base = Recipe()
     keys = {base.key()}
-    for f in fields(Recipe):
-        value = getattr(base, f.name)
-        changed = (not value) if isinstance(value, bool) else value * 2 if f.name != "dropout" else 0.1
-        if f.name in ("warmup_steps",):
-            changed = value + 1
-        if f.name == "precision":          # "auto" resolves to one of the two: ask for the other
-            changed = "fp32" if base.resolved().precision == "bf16" else "bf16"
-        if f.name == "corpus":
-            changed = "movie-snippets-bpe1024"
-        keys.add(replace(base, **{f.name: changed}).key())
-    assert len(keys) == len(fields(Recipe)) + 1
+
+    def changed(name, value):
+        if isinstance(value, bool):
+            return not value
+        if name == "dropout":
+            return 0.1
+        if name == "precision":            # "auto" resolves to one of the two: ask for the other
+            return "fp32" if base.resolved().train.precision == "bf16" else "bf16"
+        if name == "positions":
+            return "rope"
+        if name == "betas":
+            return (0.8, 0.99)
+        if name == "threads":
+            return 3
+        if name == "warmup_steps":
+            return value + 1
+        if name == "device":
+            return "cpu"
+        return value * 2
+
+    n = 0
+    for part in ("model", "train"):
+        config = getattr(base, part)
+        for f in fields(config):
+            if f.name in ("vocab_size", "block_size"):
+                continue                   # tied to the corpus and to each other: below
+            other = replace(config, **{f.name: changed(f.name, getattr(config, f.name))})
+            if f.name in ("device", "progress"):
+                assert replace(base, **{part: other}).key() == base.key()
+                continue
+            keys.add(replace(base, **{part: other}).key())
+            n += 1
+    keys.add(replace(base, model=replace(base.model, block_size=32),
+                     train=replace(base.train, block_size=32)).key())
+    keys.add(replace(base, corpus="movie-snippets-bpe1024",
+                     model=replace(base.model, vocab_size=1024)).key())
+    assert len(keys) == n + 3
     assert Recipe().key() == base.key() and len(base.key()) == 16
 
 
 def test_the_key_holds_the_precision_that_runs(monkeypatch):
     auto = Recipe()
-    assert auto.precision == "auto" and auto.resolved().precision in ("fp32", "bf16")
+    assert auto.train.precision == "auto"
+    assert auto.resolved().train.precision in ("fp32", "bf16")
     monkeypatch.setenv("LESSONS_LIB_PRECISION", "fp32")
-    assert auto.key() == replace(auto, precision="fp32").key() != replace(auto, precision="bf16").key()
+    fp32, bf16 = with_train(auto, precision="fp32"), with_train(auto, precision="bf16")
+    assert auto.key() == fp32.key() != bf16.key()
     monkeypatch.setenv("LESSONS_LIB_PRECISION", "bf16")
-    assert auto.key() == replace(auto, precision="bf16").key()
-    assert cache_path(auto) == cache_path(replace(auto, precision="bf16"))
+    assert auto.key() == bf16.key() and cache_path(auto) == cache_path(bf16)
     with pytest.raises(ValueError, match="precision"):
-        Recipe(precision="fp16")
+        with_train(auto, precision="fp16")
 
 
 def test_recipe_checks_its_numbers_and_the_named_recipes_exist():
+    base = Recipe()
     with pytest.raises(ValueError):
-        Recipe(n_layer=0)
+        replace(base, model=replace(base.model, n_layer=0))
     with pytest.raises(ValueError):
-        Recipe(max_steps=10, warmup_steps=20)
+        with_train(base, max_steps=10, warmup_steps=20)
+    with pytest.raises(ValueError, match="vocab_size must be the 'shakespeare-char' "
+                                         "tokenizer's 64, got 1024"):
+        replace(base, model=replace(base.model, vocab_size=1024))
+    with pytest.raises(ValueError, match="must be the same"):
+        with_train(base, block_size=32)
+    with pytest.raises(ValueError, match="needs a GPTConfig and a TrainConfig"):
+        Recipe(model={"n_layer": 2})
     assert set(RECIPES) >= {"1min", "3min"}
     assert RECIPES["1min"] == Recipe() and RECIPES["3min"].tokens > RECIPES["1min"].tokens
     with pytest.raises(ValueError, match="unknown recipe"):
@@ -185,14 +238,14 @@ def test_first_call_trains_and_the_second_loads_from_the_cache(counted_training)
 def test_the_report_holds_the_recipe_the_exact_val_loss_and_the_time(counted_training):
     model, tokenizer, report = shakespeare_char(TINY_RECIPE, progress=False)
     _, _, val_ids = shakespeare_data()
-    assert report.recipe == asdict(TINY_RECIPE) and report.key == TINY_RECIPE.key()
+    assert report.recipe == TINY_RECIPE.to_dict() and report.key == TINY_RECIPE.key()
     assert report.precision == "fp32" and report.history["precision"] == "fp32"
     assert report.threads == report.history["threads"] == 1 and report.cpu     # a tiny model: one thread
-    assert report.val_loss == pytest.approx(evaluate_split(model, val_ids, TINY_RECIPE.block_size), rel=1e-6)
+    assert report.val_loss == pytest.approx(evaluate_split(model, val_ids, TINY_RECIPE.model.block_size), rel=1e-6)
     assert 0 < report.train_seconds < 600
-    assert report.steps == TINY_RECIPE.max_steps and report.tokens == TINY_RECIPE.tokens
+    assert report.steps == TINY_RECIPE.train.max_steps and report.tokens == TINY_RECIPE.tokens
     assert report.parameters == model.num_parameters()
-    assert len(report.history["train_loss"]) == TINY_RECIPE.max_steps
+    assert len(report.history["train_loss"]) == TINY_RECIPE.train.max_steps
     assert report.history["eval_step"] == [2, 5]
     assert math.log(64) - 1 < report.val_loss < math.log(64) + 0.5   # a few steps: near uniform
     assert not model.training
@@ -210,9 +263,9 @@ def test_retrain_trains_again_and_gives_the_same_weights(counted_training):
 @pytest.mark.slow
 def test_a_changed_recipe_trains_a_new_model(counted_training):
     shakespeare_char(TINY_RECIPE, progress=False)
-    other = replace(TINY_RECIPE, lr=2e-3)
+    other = with_train(TINY_RECIPE, lr=2e-3)
     _, _, report = shakespeare_char(other, progress=False)
-    assert len(counted_training) == 2 and report.recipe["lr"] == 2e-3
+    assert len(counted_training) == 2 and report.recipe["train"]["lr"] == 2e-3
     assert cache_path(other) != cache_path(TINY_RECIPE) and cache_path(other).exists()
 
 
@@ -239,11 +292,11 @@ def test_the_callback_sees_each_evaluation(counted_training):
 @pytest.mark.parametrize("forced", ["fp32", "bf16"])
 def test_the_override_decides_what_an_auto_recipe_trains_in(counted_training, monkeypatch, forced):
     monkeypatch.setenv("LESSONS_LIB_PRECISION", forced)
-    auto = replace(TINY_RECIPE, precision="auto")
+    auto = with_train(TINY_RECIPE, precision="auto")
     model, _, report = shakespeare_char(auto, progress=False)
     assert report.precision == forced and report.history["precision"] == forced
-    assert report.recipe["precision"] == forced and "LESSONS_LIB_PRECISION" in report.precision_reason
-    assert cache_path(auto) == cache_path(replace(auto, precision=forced))
+    assert report.recipe["train"]["precision"] == forced and "LESSONS_LIB_PRECISION" in report.precision_reason
+    assert cache_path(auto) == cache_path(with_train(auto, precision=forced))
     _, _, cached = shakespeare_char(auto, progress=False)
     assert cached.from_cache and cached.precision == forced and len(counted_training) == 1
     assert math.log(64) - 1 < report.val_loss < math.log(64) + 0.5
@@ -275,8 +328,7 @@ def test_movie_data_is_bpe_over_the_training_snippets_with_end_of_text():
 @pytest.mark.slow
 def test_movie_gpt_trains_caches_and_reloads_its_bpe(counted_training):
     from lessons_lib.pretrained import movie_gpt
-    tiny = replace(RECIPES["movies"], n_layer=1, n_embd=32, n_head=2, batch_size=4, max_steps=3,
-                   warmup_steps=1, eval_interval=3, eval_batches=2)
+    tiny = tiny_movies()
     model, tokenizer, report = movie_gpt(tiny, progress=False)
     again, tokenizer2, cached = movie_gpt(tiny, progress=False)
     assert len(counted_training) == 1 and cached.from_cache
@@ -293,8 +345,7 @@ def test_movie_gpt_trains_caches_and_reloads_its_bpe(counted_training):
 def test_movie_reward_model_trains_caches_and_reloads(counted_training, monkeypatch):
     from lessons_lib import rlhf
     from lessons_lib.pretrained import movie_gpt, movie_reward_model
-    tiny = replace(RECIPES["movies"], n_layer=1, n_embd=32, n_head=2, batch_size=4, max_steps=3,
-                   warmup_steps=1, eval_interval=3, eval_batches=2)
+    tiny = tiny_movies()
     rm_calls = []
     real = rlhf.train_reward_model
 
