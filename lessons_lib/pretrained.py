@@ -106,8 +106,8 @@ def evaluate_split(model, ids: torch.Tensor, block_size: int | None = None, batc
 # 2. the recipe
 
 def _model(**sizes) -> GPTConfig:
-    return GPTConfig(**{"vocab_size": 64, "block_size": 64, "n_layer": 2, "n_head": 4,
-                        "n_embd": 128, **sizes})
+    return GPTConfig(**{"vocab_size": CORPUS_VOCAB["shakespeare-char"], "block_size": 64,
+                        "n_layer": 2, "n_head": 4, "n_embd": 128, **sizes})
 
 
 def _train(**settings) -> TrainConfig:
