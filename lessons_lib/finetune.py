@@ -10,7 +10,7 @@
    cross-entropy, per token or per example).
 3. :func:`build_sft_dataset` (encode, and drop or truncate what does not fit ``block_size``)
    and :func:`sft_batch_fn`, which samples padded batches for :func:`lessons_lib.train.train`.
-4. :func:`generate_responses` -- a model's greedy answers to many prompts, batched;
+4. :func:`generate_responses` -- a model's answers (greedy or sampled) to many prompts, batched;
    :func:`continuation_logprobs` -- how likely each of a few fixed answers is after a prompt.
 5. :func:`resize_token_embeddings` -- give a pre-trained GPT rows for the template's new tokens.
 6. LoRA (Hu et al., 2021): :class:`LoRALinear` adds ``scale * B @ A`` to a frozen
@@ -131,11 +131,22 @@ class ChatTemplate:
         targets[:len(context) - 1] = IGNORE
         return Example(sequence[:-1], targets)
 
+    def stop_ids(self, tokenizer) -> list[int]:
+        """The ids a response ends at: the template's four, then the tokenizer's own special
+        tokens (``tokenizer.special_tokens``, e.g. the ``<|endoftext|>`` a model pre-trained on
+        snippets separated by it learned to write; a tokenizer without them adds none)."""
+        specials = getattr(tokenizer, "special_tokens", None) or {}
+        own = sorted(int(i) for i in specials.values() if int(i) < self.base_vocab_size)
+        return [*self.special_tokens.values(), *own]
+
     def response_text(self, tokenizer, ids) -> str:
         """The text of generated ``ids`` (what came after ``<|response|>``) up to the first
-        special token (normally ``<|end|>``)."""
+        stop id (normally ``<|end|>``; see :meth:`stop_ids`): plain text, which the tokenizer
+        can encode again."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-        stop = next((i for i, t in enumerate(ids) if t >= self.base_vocab_size), len(ids))
+        stops = set(self.stop_ids(tokenizer))
+        stop = next((i for i, t in enumerate(ids)
+                     if t >= self.base_vocab_size or t in stops), len(ids))
         return tokenizer.decode(ids[:stop])
 
     def decode(self, tokenizer, ids) -> str:
@@ -329,11 +340,16 @@ def sft_batch_fn(train_examples: Sequence[Example], val_examples: Sequence[Examp
 # 4. answering prompts
 
 def generate_responses(model: nn.Module, template: ChatTemplate, tokenizer, prompts: Sequence[str],
-                       max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    """The greedy response of ``model`` to each prompt, cut at its first special token.
+                       max_new_tokens: int, batch_size: int = 64, *, greedy: bool = True,
+                       temperature: float = 1.0, generator: torch.Generator | None = None
+                       ) -> list[str]:
+    """The response of ``model`` to each prompt, cut at its first stop id
+    (:meth:`ChatTemplate.stop_ids`): greedy by default, else sampled at ``temperature`` with
+    ``generator``.
 
     Our GPT has no padding mask, so prompts are batched with others of the same token length:
-    no padding, and each answer is exactly what the model gives that prompt alone.
+    no padding, and each greedy answer is exactly what the model gives that prompt alone
+    (a sampled one depends on the batching too, through the order of the random draws).
     """
     positive_int("max_new_tokens", max_new_tokens)
     positive_int("batch_size", batch_size)
@@ -344,6 +360,7 @@ def generate_responses(model: nn.Module, template: ChatTemplate, tokenizer, prom
     if longest + max_new_tokens > model.config.block_size:
         raise ValueError(f"a prompt of {longest} tokens plus {max_new_tokens} new ones does not "
                          f"fit block_size={model.config.block_size}")
+    stop_ids = template.stop_ids(tokenizer)
     by_length: dict[int, list[int]] = {}
     for i, e in enumerate(encoded):
         by_length.setdefault(len(e), []).append(i)
@@ -352,7 +369,8 @@ def generate_responses(model: nn.Module, template: ChatTemplate, tokenizer, prom
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
             out = generate(model, torch.tensor([encoded[i] for i in chunk]), max_new_tokens,
-                           greedy=True)
+                           temperature=temperature, greedy=greedy, generator=generator,
+                           stop_ids=stop_ids)
             for i, new in zip(chunk, out[:, n:].tolist()):
                 answers[i] = template.response_text(tokenizer, new)
     return answers

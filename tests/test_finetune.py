@@ -70,6 +70,35 @@ def test_template_works_with_a_bpe_tokenizer():
     assert (y[:n_prompt - 1] == IGNORE).all() and (y[n_prompt - 1:] != IGNORE).all()
 
 
+
+def test_responses_stop_at_the_tokenizers_end_of_text():
+    """A model pre-trained on snippets separated by <|endoftext|> writes it after a snippet: the
+    response ends there (as at <|end|>), so its text never holds the marker and encodes again."""
+    tok = BPETokenizer().train("the cat sat on the mat, the cat sat " * 20, 270)
+    tok.add_special_tokens(["<|endoftext|>"])
+    eot = tok.special_tokens["<|endoftext|>"]
+    template = ChatTemplate.for_tokenizer(tok)
+    ids = tok.encode("the cat") + [eot] + tok.encode(" sat") + [template.end_id]
+    assert template.response_text(tok, ids) == "the cat"
+    assert template.response_text(tok, torch.tensor([eot, *tok.encode("sat")])) == ""
+    assert template.stop_ids(tok) == [*template.special_tokens.values(), eot]
+    assert TEMPLATE.stop_ids(TOKENIZER) == [P, R, E, PAD]        # no special tokens of its own
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=template.vocab_size, block_size=16, n_layer=1, n_head=1,
+                          n_embd=8, tie_weights=False))
+    model.lm_head = nn.Linear(8, template.vocab_size)       # a model that always says eot
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.fill_(-10.0)
+        model.lm_head.bias[eot] = 10.0
+    for greedy in (True, False):
+        answers = generate_responses(model, template, tok, ["the cat", "the mat"], 5,
+                                     greedy=greedy, generator=torch.Generator().manual_seed(0))
+        assert answers == ["", ""]
+        assert [tok.encode(a) for a in answers] == [[], []]
+
+
 # -- the masked loss and padding -------------------------------------------------------------
 
 def direct_loss(logits, targets):
