@@ -23,7 +23,7 @@ from numbers import Real
 import torch
 
 __all__ = ["is_int", "positive_int", "non_negative_int", "positive_number", "number_in",
-           "is_integer_dtype", "shape_of", "float_tensor",
+           "is_integer_dtype", "shape_of", "float_tensor", "finite", "same_shape",
            "token_ids", "bool_mask", "eval_mode"]
 
 
@@ -98,6 +98,20 @@ def float_tensor(name: str, x, ndim: int | None = None, shape: str | None = None
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     return x
+
+
+def finite(name: str, x: torch.Tensor) -> torch.Tensor:
+    """Check that every entry of the tensor ``x`` is finite (no NaN, no inf); return it."""
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} holds NaN or infinite values: every entry must be finite")
+    return x
+
+
+def same_shape(**tensors: torch.Tensor) -> None:
+    """Check that the tensors, given by name, all have one shape."""
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"expected tensors of one shape, got {shapes}")
 
 
 def token_ids(ids, name: str = "idx", *, ndim: int | None = 2, shape: str = "(batch, T)",

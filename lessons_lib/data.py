@@ -181,3 +181,15 @@ def preference_pairs(snippets, margin: float = 1.0, n_pairs: int | None = None, 
             raise ValueError(f"found only {len(pairs)} pairs with margin={margin} in 1000 passes; "
                              f"ask for fewer than {n_pairs}")
     return pairs if n_pairs is None else pairs[:n_pairs]
+
+
+def snippet_prompts(snippets, tokenizer, n_tokens: int = 2) -> torch.Tensor:
+    """``(N, n_tokens)`` token ids: the first ``n_tokens`` tokens of every snippet that has that
+    many (``tokenizer.encode_ordinary``), in the snippets' order: prompts for a model to
+    continue, as chapters 10 and 11 use them."""
+    positive_int("n_tokens", n_tokens)
+    starts = [tokenizer.encode_ordinary(s.text)[:n_tokens] for s in snippets]
+    rows = [p for p in starts if len(p) == n_tokens]
+    if not rows:
+        raise ValueError(f"no snippet has {n_tokens} tokens: there is no prompt to take")
+    return torch.tensor(rows)

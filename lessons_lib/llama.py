@@ -199,10 +199,10 @@ class Llama(DecoderLM):
             self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)      # N(0, 0.02) for every matrix; RMSNorm gains stay 1
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None):
-        """``idx`` (batch, T) token ids -> ``(logits (batch, T, vocab), loss)``; with
-        ``kv_cache`` the tokens continue the cached sequence at ``kv_cache.pos``."""
+    def hidden_states(self, idx: torch.Tensor,
+                      kv_cache: KVCache | None = None) -> torch.Tensor:
+        """``idx`` (batch, T) token ids -> the final RMSNorm's output (batch, T, n_embd): what
+        the head reads (and a value or reward head, chapter 10), as :meth:`GPT.hidden_states`."""
         token_ids(idx, "idx")
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape (batch, T), got {tuple(idx.shape)}")
@@ -220,7 +220,13 @@ class Llama(DecoderLM):
             x = block(x, kv=kv_cache.layer(i) if cached else None)
         if cached:
             kv_cache.advance(T)
-        logits = self.lm_head(self.ln_f(x))
+        return self.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None):
+        """``idx`` (batch, T) token ids -> ``(logits (batch, T, vocab), loss)``; with
+        ``kv_cache`` the tokens continue the cached sequence at ``kv_cache.pos``."""
+        logits = self.lm_head(self.hidden_states(idx, kv_cache))
         return logits, (None if targets is None else next_token_loss(logits, targets))
 
     # -- loading ---------------------------------------------------------------------------

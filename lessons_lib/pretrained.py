@@ -23,6 +23,7 @@ that every validation token is predicted exactly once and no number depends on r
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -37,16 +38,17 @@ from safetensors import SafetensorError, safe_open
 
 from . import assets
 from .checks import eval_mode, positive_int, token_ids
-from .data import load_movie_ratings, load_shakespeare, split_ratings, train_val_split
-from .model import GPT, GPTConfig
+from .data import (load_movie_ratings, load_shakespeare, snippet_prompts, split_ratings,
+                   train_val_split)
+from .model import GPT, GPTConfig, num_parameters
 from .tokenizers import BPETokenizer, CharTokenizer
 from .runtime import choose_device, choose_precision, model_device, runtime, threads_for
 from .train import TrainConfig, load_checkpoint, save_checkpoint, train
 
 __all__ = ["Recipe", "RECIPES", "CORPORA", "PretrainReport", "evaluate_split", "shakespeare_data",
            "movie_data", "train_pretrained", "train_shakespeare_char", "pretrained",
-           "shakespeare_char", "movie_gpt", "movie_reward_model", "cache_path", "models_dir",
-           "END_OF_TEXT"]
+           "shakespeare_char", "movie_gpt", "movie_reward_model", "movie_ppo_policy",
+           "PPO_PROMPT_TOKENS", "cache_path", "models_dir", "END_OF_TEXT"]
 
 # bump when the meaning of a recipe changes (data, model code) so old caches are not reused
 FORMAT_VERSION = 3
@@ -415,6 +417,31 @@ def movie_gpt(recipe: Recipe | str = "movies", **kwargs):
     return pretrained(recipe, **kwargs)
 
 
+def _cached_training(kind: str, key: dict, model, train_fn, history_type, retrain: bool):
+    """``model`` trained by ``train_fn() -> history``, or loaded: the cache file named by
+    ``kind`` and a hash of ``key`` holds the weights and the history. Returns the history
+    (``from_cache`` True when loaded; the rest is the original run's). ``retrain`` trains even
+    when the file exists, and replaces it."""
+    text = json.dumps({"format": FORMAT_VERSION, **key}, sort_keys=True)
+    path = models_dir() / f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.safetensors"
+    if path.exists() and not retrain:
+        try:
+            meta = load_checkpoint(model, path)      # checks every name and shape first
+            return history_type(**{**meta["history"], "from_cache": True})
+        except (ValueError, KeyError, TypeError, OSError, SafetensorError):
+            pass                                     # a damaged or foreign file: train again
+    history = train_fn()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_checkpoint(model, tmp, {"history": asdict(history)})
+    os.replace(tmp, path)                            # atomic: a reader never sees half a file
+    return history
+
+
+def _run_fields(config) -> dict:
+    return {k: v for k, v in asdict(config).items() if k not in ("progress", "threads")}
+
+
 def movie_reward_model(config=None, *, recipe: Recipe | str = "movies", retrain: bool = False,
                        device: str = "auto"):
     """Chapters 10 and 11's reward model: ``(reward_model, history)``.
@@ -436,24 +463,47 @@ def movie_reward_model(config=None, *, recipe: Recipe | str = "movies", retrain:
     with torch.random.fork_rng(devices=[]):
         gpt, tokenizer, report = movie_gpt(recipe, device=device)
         threads = config.threads or threads_for(gpt.num_parameters())
-        fields = {k: v for k, v in asdict(config).items() if k not in ("progress", "threads")}
-        text = json.dumps({"format": FORMAT_VERSION, "base": report.key, "config": fields,
-                           "threads": threads}, sort_keys=True)
-        key = hashlib.sha256(text.encode()).hexdigest()[:16]
-        path = models_dir() / f"movie-reward-{key}.safetensors"
         torch.manual_seed(config.seed)
         reward_model = RewardModel(gpt, eot_id=tokenizer.special_tokens[END_OF_TEXT])
-        if path.exists() and not retrain:
-            try:
-                meta = load_checkpoint(reward_model, path)   # checks every name and shape first
-                return reward_model.eval(), RewardTrainHistory(**{**meta["history"],
-                                                                  "from_cache": True})
-            except (ValueError, KeyError, TypeError, OSError, SafetensorError):
-                pass                             # a damaged or foreign file: train again
         train_snippets, _ = split_ratings(load_movie_ratings())
-        history = train_reward_model(reward_model, train_snippets, tokenizer, config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    save_checkpoint(reward_model, tmp, {"history": asdict(history)})
-    os.replace(tmp, path)                        # atomic: a reader never sees half a file
-    return reward_model, history
+        key = {"base": report.key, "config": _run_fields(config), "threads": threads}
+        history = _cached_training(
+            "movie-reward", key, reward_model,
+            lambda: train_reward_model(reward_model, train_snippets, tokenizer, config),
+            RewardTrainHistory, retrain)
+    return reward_model.eval(), history
+
+
+PPO_PROMPT_TOKENS = 2       # chapters 10 and 11 prompt with each training snippet's first tokens
+
+
+def movie_ppo_policy(config=None, reward_config=None, *, recipe: Recipe | str = "movies",
+                     retrain: bool = False, device: str = "auto"):
+    """Chapters 10 and 11's PPO policy: ``(policy, history)``.
+
+    A :class:`lessons_lib.rlhf.PolicyWithValue` on a copy of :func:`movie_gpt`, trained by
+    :func:`lessons_lib.rlhf.train_ppo` with ``config`` (a ``PPOConfig``; None: its defaults)
+    against :func:`movie_reward_model` ``(reward_config)``, with the base model as the
+    reference, on the first :data:`PPO_PROMPT_TOKENS` tokens of every training snippet
+    (:func:`lessons_lib.data.snippet_prompts`). Cached as :func:`movie_reward_model` is:
+    chapter 10 trains it live (``retrain=True``), chapter 11 loads it.
+    """
+    from .rlhf import PolicyWithValue, PPOConfig, PPOHistory, train_ppo
+
+    config = PPOConfig() if config is None else config
+    if not isinstance(config, PPOConfig):
+        raise ValueError(f"config must be a PPOConfig or None, got {type(config).__name__}")
+    with torch.random.fork_rng(devices=[]):
+        gpt, tokenizer, report = movie_gpt(recipe, device=device)
+        reward_model, _ = movie_reward_model(reward_config, recipe=recipe, device=device)
+        policy = PolicyWithValue(copy.deepcopy(gpt))
+        threads = config.threads or threads_for(num_parameters(policy))
+        train_snippets, _ = split_ratings(load_movie_ratings())
+        prompts = snippet_prompts(train_snippets, tokenizer, PPO_PROMPT_TOKENS)
+        key = {"base": report.key, "config": _run_fields(config), "threads": threads,
+               "reward": _run_fields(reward_config) if reward_config is not None else None,
+               "prompt_tokens": PPO_PROMPT_TOKENS}
+        history = _cached_training(
+            "movie-ppo", key, policy,
+            lambda: train_ppo(policy, gpt, reward_model, prompts, config), PPOHistory, retrain)
+    return policy.eval(), history

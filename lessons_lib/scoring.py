@@ -27,7 +27,7 @@ from .checks import bool_mask, eval_mode, is_int, positive_number, token_ids
 from .runtime import model_device
 
 __all__ = ["token_logprobs", "logprobs_from_logits", "sequence_logprobs", "response_logprobs",
-           "encode_responses"]
+           "encode_responses", "check_response_mask", "masked_mean"]
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
@@ -73,6 +73,11 @@ def check_response_mask(mask, shape) -> torch.Tensor:
     return bool_mask("mask", mask, shape, meaning="True on a response's tokens",
                      empty_row="empty responses, with no token in the mask; every "
                                "sequence needs at least one response token")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``x`` over the tokens where ``mask`` is True (all rows pooled)."""
+    return torch.where(mask, x, 0.0).sum() / mask.sum()
 
 
 def response_logprobs(model, idx: torch.Tensor, mask: torch.Tensor,

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from lessons_lib.exercises import CheckFailed
 from lessons_lib.exercises.ch11 import (check_dpo_loss, check_group_advantages,
-                                        check_grpo_objective, check_pass_at_k)
+                                        check_grpo_objective, check_kl_estimators,
+                                        check_pass_at_k)
 
 # -----------------------------------------------------------------------------
 # the DPO loss
@@ -331,16 +332,61 @@ def test_pass_at_k_keeps_the_learners_traceback():
 
 
 # -----------------------------------------------------------------------------
+# the three KL estimators
+
+def kl_right(logp, ref_logp):
+    log_r = ref_logp - logp
+    return -log_r, 0.5 * log_r ** 2, torch.exp(log_r) - 1 - log_r
+
+
+def test_kl_accepts_a_correct_answer_and_a_list(capsys):
+    check_kl_estimators(kl_right)
+    check_kl_estimators(lambda lp, lq: list(kl_right(lp.double(), lq.double())))
+    assert capsys.readouterr().out.count("all 5 checks passed") == 2
+
+
+def test_kl_rejects_the_ratio_upside_down():
+    def upside_down(logp, ref_logp):
+        return kl_right(ref_logp, logp)
+    with pytest.raises(CheckFailed, match="(?s)k1: .*upside down"):
+        check_kl_estimators(upside_down)
+
+
+def test_kl_rejects_k3_with_the_ratio_upside_down():
+    def k3_flipped(logp, ref_logp):
+        k1, k2, _ = kl_right(logp, ref_logp)
+        log_r = logp - ref_logp
+        return k1, k2, torch.exp(log_r) - 1 - log_r
+    with pytest.raises(CheckFailed, match="(?s)k3: .*upside down"):
+        check_kl_estimators(k3_flipped)
+
+
+def test_kl_rejects_k2_without_the_half():
+    def no_half(logp, ref_logp):
+        k1, _, k3 = kl_right(logp, ref_logp)
+        return k1, (ref_logp - logp) ** 2, k3
+    with pytest.raises(CheckFailed, match="(?s)k2: .*half the squared"):
+        check_kl_estimators(no_half)
+
+
+def test_kl_rejects_one_tensor_instead_of_three():
+    with pytest.raises(CheckFailed, match="tuple of three"):
+        check_kl_estimators(lambda lp, lq: kl_right(lp, lq)[2])
+
+
+# -----------------------------------------------------------------------------
 # every random case's rebuild line rebuilds exactly its arguments
 
 NAMES = {
     "check_dpo_loss": ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected", "beta"),
     "check_group_advantages": ("rewards", "group_size"),
     "check_grpo_objective": ("new_logp", "old_logp", "advantages", "mask", "clip"),
+    "check_kl_estimators": ("logp", "ref_logp"),
 }
 
 
-@pytest.mark.parametrize("check", [check_dpo_loss, check_group_advantages, check_grpo_objective])
+@pytest.mark.parametrize("check", [check_dpo_loss, check_group_advantages, check_grpo_objective,
+                                   check_kl_estimators])
 def test_rebuild_lines_rebuild_the_arguments(check, monkeypatch):
     import lessons_lib.exercises.ch11 as ch11
     seen = {}
@@ -377,4 +423,5 @@ def test_the_library_passes_the_chapters_checkers(capsys):
     check_group_advantages(rlhf.group_advantages)
     check_grpo_objective(grpo)
     check_pass_at_k(rlhf.pass_at_k)
-    assert capsys.readouterr().out.count("checks passed") == 4
+    check_kl_estimators(lambda lp, lq: (rlhf.k1(lp, lq), rlhf.k2(lp, lq), rlhf.k3(lp, lq)))
+    assert capsys.readouterr().out.count("checks passed") == 5

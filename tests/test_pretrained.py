@@ -371,3 +371,50 @@ def test_movie_reward_model_trains_caches_and_reloads(counted_training, monkeypa
     assert not torch.equal(other.head.weight, model.head.weight)   # the seed draws the head
     with pytest.raises(ValueError, match="RewardTrainConfig"):
         movie_reward_model({"steps": 2}, recipe=tiny)
+
+
+@pytest.mark.slow
+def test_movie_ppo_policy_trains_caches_and_reloads(counted_training, monkeypatch):
+    from lessons_lib import rlhf
+    from lessons_lib.data import load_movie_ratings, snippet_prompts, split_ratings
+    from lessons_lib.pretrained import movie_gpt, movie_ppo_policy
+    tiny = tiny_movies()
+    ppo_calls = []
+    real = rlhf.train_ppo
+
+    def counting(*args, **kwargs):
+        ppo_calls.append(args[3])                    # the prompts it was given
+        return real(*args, **kwargs)
+    monkeypatch.setattr(rlhf, "train_ppo", counting)
+    _, tokenizer, _ = movie_gpt(tiny, progress=False)
+    rm_config = rlhf.RewardTrainConfig(steps=2, batch_size=16, seed=3, progress=False)
+    config = rlhf.PPOConfig(iterations=2, batch_size=8, max_new_tokens=4, progress=False,
+                            eot_id=tokenizer.special_tokens["<|endoftext|>"])
+    policy, history = movie_ppo_policy(config, rm_config, recipe=tiny)
+    again, cached = movie_ppo_policy(config, rm_config, recipe=tiny)
+    assert len(ppo_calls) == 1 and not history.from_cache and cached.from_cache
+    assert cached.reward == history.reward and cached.kl == history.kl
+    for name, tensor in policy.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]), name
+    train, _ = split_ratings(load_movie_ratings())
+    assert torch.equal(ppo_calls[0].cpu(), snippet_prompts(train, tokenizer, 2))
+    movie_ppo_policy(config, rm_config, recipe=tiny, retrain=True)
+    movie_ppo_policy(replace(config, kl_coef=0.0), rm_config, recipe=tiny)
+    assert len(ppo_calls) == 3
+    with pytest.raises(ValueError, match="PPOConfig"):
+        movie_ppo_policy({"iterations": 2}, rm_config, recipe=tiny)
+
+
+def test_snippet_prompts_take_the_first_tokens_of_long_enough_snippets():
+    from lessons_lib.data import RatedSnippet, snippet_prompts
+    from lessons_lib.tokenizers import BPETokenizer
+    tokenizer = BPETokenizer().train("a big cat and a dog", 260)
+    snippets = [RatedSnippet(1, 1.0, "a big cat"), RatedSnippet(2, 0.0, "a"),
+                RatedSnippet(3, -1.0, "and a dog")]
+    got = snippet_prompts(snippets, tokenizer, 2)
+    expected = [tokenizer.encode_ordinary(t)[:2] for t in ("a big cat", "and a dog")]
+    assert got.tolist() == expected
+    with pytest.raises(ValueError, match="no snippet has 50 tokens"):
+        snippet_prompts(snippets, tokenizer, 50)
+    with pytest.raises(ValueError, match="n_tokens"):
+        snippet_prompts(snippets, tokenizer, 0)

@@ -1,4 +1,5 @@
-"""lessons_lib.rlhf: the reward model and PPO, against direct computations written here."""
+"""lessons_lib.rlhf (reward_model, rollouts, ppo, evaluation): the reward model and PPO,
+against direct computations written here."""
 
 import copy
 import itertools
@@ -273,7 +274,7 @@ def test_rollout_keeps_prompts_masks_after_eot_and_scores_its_samples():
     assert out.sequences.shape == (4, 12) and torch.equal(out.sequences[:, :2], prompts)
     assert torch.equal(out.response_mask, response_mask(out.sequences, 2, EOT))
     with torch.no_grad():
-        expected = sequence_logprobs(policy.gpt, out.sequences, out.response_mask)
+        expected = sequence_logprobs(policy.lm, out.sequences, out.response_mask)
     assert torch.allclose(out.logprobs, expected, atol=1e-6)
     assert out.values.shape == (4, 12) and (out.values == 0).all()   # a fresh value head
     assert out.lengths.tolist() == (2 + out.response_mask.sum(1)).tolist()
@@ -291,11 +292,11 @@ def test_distinct_n_by_hand():
 
 def test_kl_is_exactly_zero_when_policy_and_reference_are_the_same_model():
     policy = PolicyWithValue(tiny_gpt())
-    reference = copy.deepcopy(policy.gpt)
+    reference = copy.deepcopy(policy.lm)
     prompts = torch.tensor([[1, 2], [3, 4], [5, 6]])
     out = rollout(policy, prompts, 8, eot_id=EOT, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        for ref in (reference, policy.gpt):
+        for ref in (reference, policy.lm):
             ref_logp = sequence_logprobs(ref, out.sequences, out.response_mask)
             scores = torch.tensor([1.0, -2.0, 0.5])
             rewards, kl = kl_penalized_rewards(scores, out.logprobs, ref_logp,
@@ -406,28 +407,26 @@ def test_policy_with_value_aligns_values_with_the_tokens():
     idx = torch.tensor([[1, 2, 3, 4], [4, 3, 2, 1]])
     with torch.no_grad():
         logits, values = policy(idx)
-        h = policy.gpt.hidden_states(idx)
-        assert torch.allclose(logits, policy.gpt(idx)[0])
+        h = policy.lm.hidden_states(idx)
+        assert torch.allclose(logits, policy.lm(idx)[0])
         assert (values[:, 0] == 0).all()
         assert torch.allclose(values[:, 1:], policy.value_head(h[:, :-1]).squeeze(-1))
 
 
 def count_reward(token):
     """A toy reward: how many times ``token`` appears in each response."""
-    def reward_fn(sequences, lengths, prompt_length=2):
-        position = torch.arange(sequences.size(1))[None]
-        inside = (position >= prompt_length) & (position < lengths[:, None])
-        return ((sequences == token) & inside).float().sum(dim=1)
+    def reward_fn(batch):
+        return ((batch.sequences == token) & batch.response_mask).float().sum(dim=1)
     return reward_fn
 
 
 def test_a_reward_model_scores_rollouts_in_eval_mode():
-    from lessons_lib.rlhf import _scores
+    from lessons_lib.rlhf import score
     rm = RewardModel(GPTConfig(**{**TINY.__dict__, "dropout": 0.5}), eot_id=EOT).train()
     policy = PolicyWithValue(tiny_gpt())
     batch = rollout(policy, torch.tensor([[1, 2], [3, 4]]), 6, eot_id=EOT,
                     generator=torch.Generator().manual_seed(0))
-    scores = _scores(rm, batch)
+    scores = score(rm, batch)
     assert rm.training                                   # the mode it was in is restored
     with torch.no_grad():
         assert torch.equal(scores, rm.eval()(batch.sequences, batch.lengths))
@@ -478,7 +477,7 @@ def test_ppo_raises_a_toy_reward_and_logs_every_iteration():
     assert history.kl[-1] > 0
     reference_after = base.state_dict()
     assert all(torch.equal(before[k], reference_after[k]) for k in before)   # frozen...
-    assert not torch.equal(policy.gpt.wte.weight, base.wte.weight)   # ...the policy moved
+    assert not torch.equal(policy.lm.wte.weight, base.wte.weight)   # ...the policy moved
 
 
 # -- bad input --------------------------------------------------------------------------------
@@ -564,9 +563,9 @@ def test_train_ppo_rejects_non_finite_or_misshapen_rewards():
     prompts = torch.tensor([[1, 2], [3, 4]])
     config = PPOConfig(iterations=1, batch_size=2, max_new_tokens=3, epochs=1, minibatches=1,
                        progress=False)
-    for reward_fn in (lambda s, n: torch.full((s.size(0),), float("nan")),
-                      lambda s, n: torch.zeros(s.size(0) + 1),
-                      lambda s, n: [0.0] * s.size(0)):
+    for reward_fn in (lambda b: torch.full((len(b.sequences),), float("nan")),
+                      lambda b: torch.zeros(len(b.sequences) + 1),
+                      lambda b: [0.0] * len(b.sequences)):
         with pytest.raises(ValueError):
             train_ppo(PolicyWithValue(copy.deepcopy(gpt)), gpt, reward_fn, prompts, config)
 
@@ -674,7 +673,7 @@ def test_evaluate_policy_measures_fresh_samples_and_is_zero_kl_for_the_reference
                            eot_id=EOT, seed=3)
     assert same.kl == 0.0
     s = same.samples
-    expected_reward = reward(s.sequences, s.lengths).mean().item()
+    expected_reward = reward(s).mean().item()
     assert same.rewards == {"reward": pytest.approx(expected_reward)}
     assert same.distinct_2 == pytest.approx(distinct_n(s.responses(), 2))
     ended = [EOT in row for row in s.sequences[:, 2:].tolist()]

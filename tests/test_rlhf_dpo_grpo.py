@@ -1,4 +1,4 @@
-"""lessons_lib.rlhf sections 6-7: DPO's loss, GRPO's advantages and objective, pass@k, against
+"""lessons_lib.rlhf (dpo, grpo, evaluation): DPO's loss, GRPO's advantages and objective, pass@k, against
 hand derivations, direct loops and brute force written here."""
 
 import copy

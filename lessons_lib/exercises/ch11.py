@@ -4,12 +4,14 @@ Each ``check_<name>(fn)`` runs the learner's ``fn`` on cases the learner does no
 with an answer computed here, and on a wrong answer says which input failed, what was expected,
 what came back and, where it can tell, which slip it looks like (chosen and rejected swapped,
 ``beta`` or the reference left out, a mean over the whole batch where each group has its own,
-each response averaged on its own, the mask ignored, the biased pass@k).
+each response averaged on its own, the mask ignored, the biased pass@k, a KL estimator with its
+ratio upside down).
 
 The references are written here with plain Python floats and loops, independently of
 :mod:`lessons_lib.rlhf`: ``log(1 + exp(-m))`` evaluated stably for the DPO loss, each group's
 mean and Bessel-corrected standard deviation summed out by hand, the clipped surrogate token by
-token over the response tokens only, and pass@k as an exact fraction of binomial coefficients.
+token over the response tokens only, pass@k as an exact fraction of binomial coefficients, and
+the three KL estimators from ``math.log`` and ``math.exp`` of one float at a time.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from ._core import Case, _short, compare_close, randn, randn_call, run_cases
 from ._core import floats as _floats
 from ._core import near as _near
 from ._core import number_close as _number_close
+from ._core import tensor_close
 
 __all__ = [
     "check_dpo_loss",
     "check_group_advantages",
     "check_grpo_objective",
     "check_pass_at_k",
+    "check_kl_estimators",
 ]
 
 
@@ -453,3 +457,76 @@ def check_pass_at_k(fn) -> None:
                   hint="math.comb(n, k) is the binomial coefficient C(n, k)")
              for n, c, k, description in fixed]
     run_cases("check_pass_at_k", fn, cases)
+
+
+# -----------------------------------------------------------------------------
+# exercise 5: three estimates of the KL from one sampled token
+
+def _kl_reference(logp, ref_logp) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    k1, k2, k3 = [], [], []
+    for lp, lq in zip(_floats(logp), _floats(ref_logp)):
+        log_r = lq - lp                                  # log q(x) / p(x), x drawn from p
+        k1.append(-log_r)
+        k2.append(0.5 * log_r * log_r)
+        k3.append(math.exp(log_r) - 1.0 - log_r)
+    return tuple(torch.tensor(k, dtype=torch.float64) for k in (k1, k2, k3))
+
+
+def _kl_slips(logp, ref_logp, which: int):
+    log_r = torch.tensor(_floats(ref_logp), dtype=torch.float64) \
+        - torch.tensor(_floats(logp), dtype=torch.float64)
+    upside_down = [log_r, 0.5 * log_r.square(), (-log_r).exp() - 1.0 + log_r][which]
+    no_half = log_r.square()
+
+    def slips(got: torch.Tensor) -> str | None:
+        if torch.allclose(got, upside_down, rtol=1e-4, atol=1e-5):
+            return ("the ratio is upside down: r = q(x) / p(x) = exp(ref_logp - logp), the "
+                    "reference over the policy that drew the token")
+        if which == 1 and torch.allclose(got, no_half, rtol=1e-4, atol=1e-5):
+            return "k2 is half the squared log-ratio: 0.5 * (log r) ** 2"
+        return None
+    return slips
+
+
+def _kl_compare(logp, ref_logp):
+    names = ("k1", "k2", "k3")
+
+    def compare(got, expected) -> str | None:
+        if not isinstance(got, (tuple, list)) or len(got) != 3:
+            return f"expected a tuple of three tensors (k1, k2, k3), got {_short(got)}"
+        for which, (g, e) in enumerate(zip(got, expected)):
+            problem = tensor_close(1e-4, 1e-5, slips=_kl_slips(logp, ref_logp, which))(
+                g, e.to(g.dtype) if isinstance(g, torch.Tensor) else e)
+            if problem:
+                return f"{names[which]}: {problem}"
+        return None
+    return compare
+
+
+def check_kl_estimators(fn) -> None:
+    """``fn(logp, ref_logp)``: 1-D float tensors, the log-probabilities of sampled tokens
+    under the policy ``p`` that drew them and under the reference ``q``. Returns the tuple
+    ``(k1, k2, k3)`` of per-token estimates of KL(p || q), with ``log r = ref_logp - logp``:
+    ``k1 = -log r``, ``k2 = (log r)^2 / 2`` and ``k3 = (r - 1) - log r``."""
+    __tracebackhide__ = True
+    fixed = [
+        (torch.tensor([-1.0, -2.0, -0.5]), torch.tensor([-1.0, -2.0, -0.5]),
+         "the policy equals the reference: every estimate is 0"),
+        (torch.tensor([-0.5, -3.0]), torch.tensor([-1.5, -1.0]),
+         "one token the reference likes less (log r = -1) and one it likes more (log r = +2)"),
+        (torch.tensor([-2.0, -0.1, -4.0, -1.0]), torch.tensor([-2.3, -0.2, -1.0, -0.7]),
+         "four tokens, log-ratios from -0.3 to +3"),
+    ]
+    hint = ("log_r = ref_logp - logp; k1 = -log_r; k2 = 0.5 * log_r ** 2; "
+            "k3 = torch.exp(log_r) - 1 - log_r")
+    cases = [Case(description, (lp, lq), _kl_reference(lp, lq), compare=_kl_compare(lp, lq),
+                  hint=hint)
+             for lp, lq, description in fixed]
+    for seed, n, spread in ((51, 50, 0.5), (53, 20, 3.0)):
+        lp = -randn(n, seed=seed).abs()
+        lq = lp + spread * randn(n, seed=seed + 1)
+        cases.append(Case(f"{n} tokens (seeded), log-ratios of spread {spread}", (lp, lq),
+                          _kl_reference(lp, lq), compare=_kl_compare(lp, lq), hint=hint,
+                          rebuild=f"logp = -{randn_call(n, seed=seed)}.abs(); ref_logp = logp"
+                                  f" + {spread} * {randn_call(n, seed=seed + 1)}"))
+    run_cases("check_kl_estimators", fn, cases)
