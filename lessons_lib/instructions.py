@@ -18,7 +18,8 @@ training response is a real rated snippet that has the property:
 
 1. :data:`KINDS`, :func:`instruction_prompt` -- the instructions' wording.
 2. The checks' parts: :func:`content_words`, :func:`uses_word`, :func:`vader_compound`,
-   :func:`length_auc` (how often a long answer is longer than a short one).
+   :func:`pair_auc` (how often a long answer is longer than a short one, or an answer to
+   "positive" more positive than one to "negative").
 3. :class:`Instruction` -- one prompt, its reference response and what its check needs;
    :func:`follows` -- whether a response does what the prompt asked.
 4. :func:`build_instruction_mix` -- train and held-out instructions from two disjoint sets of
@@ -47,7 +48,7 @@ from .checks import non_negative_int, positive_int, positive_number
 from .finetune import ChatTemplate, generate_responses
 
 __all__ = ["KINDS", "PROMPTS", "STOPWORDS", "VADER_NEUTRAL", "instruction_prompt",
-           "content_words", "uses_word", "vader_compound", "length_auc", "Instruction",
+           "content_words", "uses_word", "vader_compound", "pair_auc", "Instruction",
            "follows", "InstructionMix", "build_instruction_mix", "FollowRates", "follow_rates"]
 
 
@@ -138,22 +139,23 @@ def vader_compound(text: str) -> float:
     return float(_vader().polarity_scores(text)["compound"])
 
 
-def _lengths(values, name: str) -> np.ndarray:
+def _values(values, name: str) -> np.ndarray:
     array = np.asarray(values, dtype=float).reshape(-1)
     if array.size == 0 or not np.isfinite(array).all():
         raise ValueError(f"{name} must be a non-empty list of finite numbers, got {values!r}")
     return array
 
 
-def length_auc(short_lengths: Sequence[float], long_lengths: Sequence[float]) -> float:
-    """The chance that a long answer is longer than a short one, over every (short, long)
-    pair, a tie counting one half: 0.5 when the instruction changes nothing, 1.0 when every
-    long answer is longer than every short one. It is the area under the ROC curve of
-    "long" vs "short" told apart by length (the Mann-Whitney U over the pairs)."""
-    short, long = _lengths(short_lengths, "short_lengths"), _lengths(long_lengths, "long_lengths")
-    longer = (long[:, None] > short[None, :]).mean()
-    ties = (long[:, None] == short[None, :]).mean()
-    return float(longer + 0.5 * ties)
+def pair_auc(lower: Sequence[float], higher: Sequence[float]) -> float:
+    """The chance that a value of ``higher`` exceeds a value of ``lower``, over every pair, a
+    tie counting one half: 0.5 when the two sets do not differ, 1.0 when every value of
+    ``higher`` is above every value of ``lower``. It is the area under the ROC curve of the two
+    sets told apart by the value (the Mann-Whitney U over the pairs), e.g. the lengths of the
+    answers to "Write a short review." (lower) and "Write a long review." (higher)."""
+    low, high = _values(lower, "lower"), _values(higher, "higher")
+    above = (high[:, None] > low[None, :]).mean()
+    ties = (high[:, None] == low[None, :]).mean()
+    return float(above + 0.5 * ties)
 
 
 # -----------------------------------------------------------------------------
@@ -413,8 +415,9 @@ def build_instruction_mix(train_snippets: Sequence, held_out_snippets: Sequence,
 @dataclass(frozen=True)
 class FollowRates:
     """Per kind, the share of held-out prompts whose ``greedy`` / ``sampled`` response follows,
-    out of ``n`` prompts, and :func:`length_auc` of the responses to "short" and "long" prompts
-    (None without both kinds). Greedy decoding gives one answer to a fixed instruction such as
+    out of ``n`` prompts; :func:`pair_auc` of the lengths in tokens of the responses to "short"
+    and "long" prompts, and of VADER's compound score of the responses to "negative" and
+    "positive" prompts (None without both kinds). Greedy decoding gives one answer to a fixed instruction such as
     "Write a short review.", so its rate there is 0 or 1; sampling gives a spread."""
 
     greedy: dict[str, float]
@@ -422,6 +425,8 @@ class FollowRates:
     n: dict[str, int]
     length_auc_greedy: float | None
     length_auc_sampled: float | None
+    sentiment_auc_greedy: float | None
+    sentiment_auc_sampled: float | None
     greedy_responses: tuple[str, ...]
     sampled_responses: tuple[str, ...]
 
@@ -465,12 +470,15 @@ def follow_rates(model, template: ChatTemplate, tokenizer, examples: Sequence[In
              for mode, texts in answers.items()}
     aucs = {}
     for mode, texts in answers.items():
-        aucs[mode] = None
-        if "short" in by_kind and "long" in by_kind:
-            short, long = ([len(tokenizer.encode(texts[i])) for i in by_kind[k]]
-                           for k in ("short", "long"))
-            aucs[mode] = length_auc(short, long)
+        for name, low, high, measure in (
+                ("length", "short", "long", lambda text: len(tokenizer.encode(text))),
+                ("sentiment", "negative", "positive", vader_compound)):
+            aucs[name, mode] = None
+            if low in by_kind and high in by_kind:
+                aucs[name, mode] = pair_auc(*([measure(texts[i]) for i in by_kind[kind]]
+                                              for kind in (low, high)))
     return FollowRates(rates["greedy"], rates["sampled"],
                        {kind: len(rows) for kind, rows in by_kind.items()},
-                       aucs["greedy"], aucs["sampled"],
+                       aucs["length", "greedy"], aucs["length", "sampled"],
+                       aucs["sentiment", "greedy"], aucs["sentiment", "sampled"],
                        tuple(answers["greedy"]), tuple(answers["sampled"]))

@@ -8,6 +8,7 @@ Later chapters load them instead of training them again:
     model, tokenizer, report = shakespeare_char()      # trains on first call (about a minute)
     print(report.val_loss, report.train_seconds)
     model, tokenizer, report = movie_gpt()             # the base model of chapters 9-11
+    assistant, template, history = movie_assistant()   # chapter 9's instruction SFT model
     reward_model, history = movie_reward_model()       # chapter 10's, reused by chapter 11
 
 The first call trains with the chapter's recipe and saves the weights as a safetensors file in
@@ -43,11 +44,12 @@ from .data import (load_movie_ratings, load_shakespeare, snippet_prompts, split_
 from .model import GPT, GPTConfig, num_parameters
 from .tokenizers import BPETokenizer, CharTokenizer
 from .runtime import choose_device, choose_precision, model_device, runtime, threads_for
-from .train import TrainConfig, load_checkpoint, save_checkpoint, train
+from .train import History, TrainConfig, load_checkpoint, save_checkpoint, train
 
 __all__ = ["Recipe", "RECIPES", "CORPORA", "PretrainReport", "evaluate_split", "shakespeare_data",
            "movie_data", "train_pretrained", "train_shakespeare_char", "pretrained",
-           "shakespeare_char", "movie_gpt", "movie_reward_model", "movie_ppo_policy",
+           "shakespeare_char", "movie_gpt", "ASSISTANT_KINDS", "ASSISTANT_TRAIN",
+           "movie_instructions", "movie_assistant", "movie_reward_model", "movie_ppo_policy",
            "PPO_PROMPT_TOKENS", "cache_path", "models_dir", "END_OF_TEXT"]
 
 # bump when the meaning of a recipe changes (data, model code) so old caches are not reused
@@ -440,6 +442,62 @@ def _cached_training(kind: str, key: dict, model, train_fn, history_type, retrai
 
 def _run_fields(config) -> dict:
     return {k: v for k, v in asdict(config).items() if k not in ("progress", "threads")}
+
+
+ASSISTANT_KINDS = ("short", "long", "positive", "negative")
+ASSISTANT_TRAIN = TrainConfig(max_steps=400, batch_size=16, lr=3e-3, warmup_steps=20,
+                              eval_interval=100, eval_batches=4, precision="auto", seed=0)
+
+
+def movie_instructions(kinds=ASSISTANT_KINDS, *, seed: int = 0, recipe: Recipe | str = "movies",
+                       device: str = "auto"):
+    """Chapters 9-11's written instructions: an :class:`lessons_lib.instructions.InstructionMix`
+    of ``kinds`` built with ``seed`` from the two sides of
+    :func:`lessons_lib.data.split_ratings` (training snippets answer the training instructions;
+    the held-out ones, which :func:`movie_gpt` never read, the held-out instructions), to fit
+    the base model's window."""
+    from .instructions import build_instruction_mix
+
+    _, tokenizer, _ = movie_gpt(recipe, device=device)
+    train_snippets, held_out_snippets = split_ratings(load_movie_ratings())
+    return build_instruction_mix(train_snippets, held_out_snippets, tokenizer,
+                                 _as_recipe(recipe).model.block_size, seed=seed, kinds=kinds)
+
+
+def movie_assistant(config: TrainConfig | None = None, *, kinds=ASSISTANT_KINDS,
+                    mix_seed: int = 0, recipe: Recipe | str = "movies", retrain: bool = False,
+                    device: str = "auto"):
+    """Chapter 9's assistant: ``(model, template, history)``.
+
+    A copy of :func:`movie_gpt` with the rows of a :class:`lessons_lib.finetune.ChatTemplate`'s
+    special tokens added (drawn with ``config.seed``), fine-tuned by
+    :func:`lessons_lib.train.train` with ``config`` (None: :data:`ASSISTANT_TRAIN`) on every
+    training pair of :func:`movie_instructions` ``(kinds, seed=mix_seed)``, the loss on the
+    responses only. Cached as :func:`movie_reward_model` is: chapter 9 trains it live
+    (``retrain=True``), chapters 10 and 11 load it.
+    """
+    from .finetune import ChatTemplate, build_sft_dataset, resize_token_embeddings, sft_batch_fn
+
+    config = ASSISTANT_TRAIN if config is None else config
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig or None, got {type(config).__name__}")
+    with torch.random.fork_rng(devices=[]):
+        gpt, tokenizer, report = movie_gpt(recipe, device=device)
+        template = ChatTemplate.for_tokenizer(tokenizer)
+        model = resize_token_embeddings(copy.deepcopy(gpt), template.vocab_size,
+                                        torch.Generator().manual_seed(config.seed))
+        mix = movie_instructions(kinds, seed=mix_seed, recipe=recipe, device=device)
+        block_size = gpt.config.block_size
+        train_set = build_sft_dataset(mix.pairs("train"), template, tokenizer, block_size)
+        val_set = build_sft_dataset(mix.pairs("held_out"), template, tokenizer, block_size)
+        batch_fn = sft_batch_fn(train_set.examples, val_set.examples, config.batch_size,
+                                template.pad_id)
+        threads = config.threads or threads_for(num_parameters(model))
+        key = {"base": report.key, "config": _run_fields(config), "threads": threads,
+               "kinds": list(kinds), "mix_seed": mix_seed}
+        history = _cached_training("movie-assistant", key, model,
+                                   lambda: train(model, batch_fn, config), History, retrain)
+    return model.eval(), template, history
 
 
 def movie_reward_model(config=None, *, recipe: Recipe | str = "movies", retrain: bool = False,

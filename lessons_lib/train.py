@@ -83,6 +83,7 @@ class History:
     tokens: int = 0                                          # training tokens seen
     precision: str = ""                                      # what the steps ran in: "fp32" or "bf16"
     threads: int = 0                                         # CPU threads the steps ran on
+    from_cache: bool = False                                 # loaded by lessons_lib.pretrained
 
 
 def resolve_precision(config: TrainConfig, device: torch.device) -> str:

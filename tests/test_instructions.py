@@ -14,7 +14,7 @@ from lessons_lib.data import RatedSnippet
 from lessons_lib.finetune import ChatTemplate, generate_responses
 from lessons_lib.instructions import (KINDS, PROMPTS, Instruction, build_instruction_mix,
                                       content_words, follow_rates, follows, instruction_prompt,
-                                      length_auc, uses_word, vader_compound)
+                                      pair_auc, uses_word, vader_compound)
 from lessons_lib.model import GPT, GPTConfig
 from lessons_lib.tokenizers import CharTokenizer
 
@@ -94,17 +94,17 @@ def test_classify_wants_the_label():
     assert not follows(example, "positive") and not follows(example, "negative, clearly")
 
 
-def test_length_auc_is_scikit_learns_roc_auc():
+def test_pair_auc_is_scikit_learns_roc_auc():
     roc_auc_score = pytest.importorskip("sklearn.metrics").roc_auc_score
     rng = np.random.default_rng(0)
     for _ in range(5):
         short, long = rng.integers(0, 12, size=17), rng.integers(3, 15, size=23)   # with ties
         labels = [0] * len(short) + [1] * len(long)
         expected = roc_auc_score(labels, np.concatenate([short, long]))
-        assert length_auc(short, long) == pytest.approx(expected, abs=1e-12)
-    assert length_auc([1, 2], [3, 4]) == 1.0 and length_auc([5], [5]) == 0.5
-    with pytest.raises(ValueError, match="short_lengths must be a non-empty list"):
-        length_auc([], [1])
+        assert pair_auc(short, long) == pytest.approx(expected, abs=1e-12)
+    assert pair_auc([1, 2], [3, 4]) == 1.0 and pair_auc([5], [5]) == 0.5
+    with pytest.raises(ValueError, match="lower must be a non-empty list"):
+        pair_auc([], [1])
 
 
 # -- the mix -----------------------------------------------------------------------------------
@@ -201,5 +201,15 @@ def test_follow_rates_checks_each_answer():
         expected = np.mean([follows(held_out[i], rates.sampled_responses[i], TOKENIZER)
                             for i in rows])
         assert rates.sampled[kind] == expected
+    rows = {kind: [i for i, ex in enumerate(held_out) if ex.kind == kind] for kind in rates.n}
+    texts = rates.sampled_responses
+    assert rates.length_auc_sampled == pair_auc(
+        *([len(TOKENIZER.encode(texts[i])) for i in rows[k]] for k in ("short", "long")))
+    assert rates.sentiment_auc_sampled == pair_auc(
+        *([vader_compound(texts[i]) for i in rows[k]] for k in ("negative", "positive")))
+    assert silent.sentiment_auc_greedy == 0.5
+    only_short = [ex for ex in held_out if ex.kind == "short"]
+    one_kind = follow_rates(model, template, TOKENIZER, only_short)
+    assert one_kind.length_auc_sampled is None and one_kind.sentiment_auc_greedy is None
     with pytest.raises(ValueError, match="examples must be a non-empty list of Instructions"):
         follow_rates(model, template, TOKENIZER, [])

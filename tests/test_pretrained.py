@@ -342,6 +342,47 @@ def test_movie_gpt_trains_caches_and_reloads_its_bpe(counted_training):
 
 
 @pytest.mark.slow
+def test_movie_assistant_fine_tunes_on_the_instructions_caches_and_reloads(counted_training):
+    from lessons_lib.finetune import ChatTemplate
+    from lessons_lib.pretrained import (ASSISTANT_KINDS, ASSISTANT_TRAIN, movie_assistant,
+                                        movie_gpt, movie_instructions)
+    tiny = tiny_movies()
+    base, tokenizer, _ = movie_gpt(tiny, progress=False)
+    assert len(counted_training) == 1
+    mix = movie_instructions(("short", "positive"), recipe=tiny)
+    assert set(ex.kind for ex in mix.train) == {"short", "positive"}
+    assert mix == movie_instructions(("short", "positive"), recipe=tiny)      # seeded
+    assert movie_instructions(recipe=tiny).counts("held_out") == {
+        k: (100 if k in ASSISTANT_KINDS else 0) for k in mix.counts()}
+    config = replace(ASSISTANT_TRAIN, max_steps=2, warmup_steps=1, eval_interval=2,
+                     eval_batches=1, seed=3, progress=False)
+    torch.manual_seed(0)
+    before = torch.rand(3)
+    torch.manual_seed(0)
+    model, template, history = movie_assistant(config, recipe=tiny)
+    assert torch.equal(torch.rand(3), before), "the caller's random numbers must not move"
+    assert len(counted_training) == 2 and not history.from_cache and history.step == [0, 1]
+    assert template == ChatTemplate.for_tokenizer(tokenizer)
+    assert model.config.vocab_size == template.vocab_size and not model.training
+    again, _, cached = movie_assistant(config, recipe=tiny)
+    assert len(counted_training) == 2 and cached.from_cache
+    assert cached.train_loss == history.train_loss and cached.threads == history.threads
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, again.state_dict()[name]), name
+    n = base.config.vocab_size                            # the base rows moved, the new ones too
+    assert not torch.equal(model.wte.weight[:n], base.wte.weight)
+    movie_assistant(config, recipe=tiny, retrain=True)
+    other, _, _ = movie_assistant(replace(config, seed=4), recipe=tiny)
+    movie_assistant(config, kinds=("long",), recipe=tiny)
+    assert len(counted_training) == 5
+    assert not torch.equal(other.wte.weight[n:], model.wte.weight[n:])
+    with pytest.raises(ValueError, match="TrainConfig"):
+        movie_assistant({"max_steps": 2}, recipe=tiny)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        movie_assistant(config, kinds=("haiku",), recipe=tiny)
+
+
+@pytest.mark.slow
 def test_movie_reward_model_trains_caches_and_reloads(counted_training, monkeypatch):
     from lessons_lib import rlhf
     from lessons_lib.pretrained import movie_gpt, movie_reward_model
