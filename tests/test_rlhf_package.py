@@ -138,6 +138,29 @@ def test_a_reward_model_and_a_program_are_called_the_same_way():
         rlhf.score("not a function", batch)
 
 
+def test_a_reward_model_scores_a_templated_response_alone():
+    """A policy whose vocabulary has two more ids (a chat template's end marker 13 and a
+    prompt marker 14) answers; the reward model reads each response as its own text."""
+    rm = rlhf.RewardModel(TINY, eot_id=EOT).train()
+    end = TINY.vocab_size                            # the template's end marker
+    policy = GPT(dataclasses.replace(TINY, vocab_size=TINY.vocab_size + 2))
+    prompts = torch.tensor([[end + 1, 3, 4]] * 6)
+    batch = rlhf.rollout(policy, prompts, 5, eot_id=end,
+                         generator=torch.Generator().manual_seed(0))
+    scores = rlhf.score(rm.score_responses, batch)
+    assert rm.training, "scoring must leave the model's mode as it was"
+    for row, response in enumerate(batch.responses()):
+        text = [EOT if t >= end else t for t in response]
+        with torch.no_grad():
+            alone = rm.eval()(torch.tensor([text]), torch.tensor([len(text)]))
+        assert torch.allclose(scores[row], alone[0], atol=1e-6), (row, response)
+    assert any(r[-1] == end for r in batch.responses())     # some answers ended
+    with pytest.raises(ValueError, match="must be a Rollout"):
+        rm.score_responses(batch.sequences)
+    with pytest.raises(ValueError, match="eot_id"):
+        rlhf.RewardModel(TINY).score_responses(batch)
+
+
 # -- any model of the course as a policy -----------------------------------------------
 
 def test_llama_is_a_policy_a_reference_and_a_reward_trunk():

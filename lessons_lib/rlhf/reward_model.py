@@ -95,6 +95,23 @@ class RewardModel(nn.Module):
         h_end = h[torch.arange(idx.size(0), device=h.device), ends]   # (B, n_embd)
         return self.head(h_end).squeeze(-1)
 
+    def score_responses(self, batch: Rollout) -> torch.Tensor:
+        """The score of each response of ``batch`` alone, read as a text of its own (the prompt
+        left out): a reward function for a policy that answers in a chat template this model
+        never read. Tokens past the trunk's vocabulary (the template's special tokens, such as
+        its end marker) read as ``eot_id``."""
+        if not isinstance(batch, Rollout):
+            raise ValueError(f"batch must be a Rollout, got {type(batch).__name__}")
+        if self.eot_id is None:
+            raise ValueError("score_responses reads a response's end marker as end-of-text: "
+                             "build the RewardModel with an eot_id")
+        P = batch.prompt_length
+        response, mask = batch.sequences[:, P:], batch.response_mask[:, P:]
+        idx = torch.where(mask & (response < self.trunk.config.vocab_size), response,
+                          self.eot_id)
+        with eval_mode(self):
+            return self(idx, mask.sum(dim=1).clamp(min=1))
+
 
 def _check_pair(r_chosen, r_rejected) -> None:
     float_tensor("r_chosen", r_chosen, ndim=1)
