@@ -417,8 +417,9 @@ class FollowRates:
     """Per kind, the share of held-out prompts whose ``greedy`` / ``sampled`` response follows,
     out of ``n`` prompts; :func:`pair_auc` of the lengths in tokens of the responses to "short"
     and "long" prompts, and of VADER's compound score of the responses to "negative" and
-    "positive" prompts (None without both kinds). Greedy decoding gives one answer to a fixed instruction such as
-    "Write a short review.", so its rate there is 0 or 1; sampling gives a spread."""
+    "positive" prompts (None without both kinds). Greedy decoding gives one answer to a fixed
+    instruction such as "Write a short review.", so its rate there is 0 or 1; sampling gives a
+    spread."""
 
     greedy: dict[str, float]
     sampled: dict[str, float]
