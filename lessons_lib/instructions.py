@@ -24,8 +24,8 @@ training response is a real rated snippet that has the property:
    :func:`follows` -- whether a response does what the prompt asked.
 4. :func:`build_instruction_mix` -- train and held-out instructions from two disjoint sets of
    snippets, the same for the same seed; :class:`InstructionMix`.
-5. :func:`follow_rates` -- the share of held-out prompts a model follows, per kind, greedy and
-   sampled (:class:`FollowRates`).
+5. :func:`follow_rates` -- the share of held-out prompts a model follows, per kind, by sampled
+   answers (:class:`FollowRates`).
 
 Every pair fits the model's window: ``len(prompt) + len(response) + 2 <= block_size`` tokens,
 the rule of :func:`lessons_lib.finetune.build_sft_dataset`; pairs that do not fit are left out.
@@ -414,28 +414,24 @@ def build_instruction_mix(train_snippets: Sequence, held_out_snippets: Sequence,
 
 @dataclass(frozen=True)
 class FollowRates:
-    """Per kind, the share of held-out prompts whose ``greedy`` / ``sampled`` response follows,
-    out of ``n`` prompts; :func:`pair_auc` of the lengths in tokens of the responses to "short"
-    and "long" prompts, and of VADER's compound score of the responses to "negative" and
-    "positive" prompts (None without both kinds). Greedy decoding gives one answer to a fixed
-    instruction such as "Write a short review.", so its rate there is 0 or 1; sampling gives a
-    spread."""
+    """Per kind, the share of held-out prompts whose sampled response follows (``rates``), out
+    of ``n`` prompts; :func:`pair_auc` of the lengths in tokens of the responses to "short" and
+    "long" prompts, and of VADER's compound score of the responses to "negative" and
+    "positive" prompts (None without both kinds). The responses are sampled: every prompt of a
+    kind is one fixed instruction such as "Write a short review.", to which greedy decoding
+    would give one answer, followed or not."""
 
-    greedy: dict[str, float]
-    sampled: dict[str, float]
+    rates: dict[str, float]
     n: dict[str, int]
-    length_auc_greedy: float | None
-    length_auc_sampled: float | None
-    sentiment_auc_greedy: float | None
-    sentiment_auc_sampled: float | None
-    greedy_responses: tuple[str, ...]
-    sampled_responses: tuple[str, ...]
+    length_auc: float | None
+    sentiment_auc: float | None
+    responses: tuple[str, ...]
 
 
 def follow_rates(model, template: ChatTemplate, tokenizer, examples: Sequence[Instruction], *,
                  temperature: float = 1.0, seed: int = 0, batch_size: int = 64) -> FollowRates:
-    """Answer every example's prompt with ``model`` (in ``template``) greedily and by sampling
-    at ``temperature`` (a generator seeded with ``seed``), and check each answer with
+    """Answer every example's prompt with ``model`` (in ``template``), sampling at
+    ``temperature`` (a generator seeded with ``seed``), and check each answer with
     :func:`follows`. An answer may fill the model's window; the responses are in the order of
     ``examples``."""
     if isinstance(examples, Instruction) or not isinstance(examples, Sequence) or not examples:
@@ -452,34 +448,26 @@ def follow_rates(model, template: ChatTemplate, tokenizer, examples: Sequence[In
     for i, ex in enumerate(examples):
         by_kind.setdefault(ex.kind, []).append(i)
         by_length.setdefault(len(template.encode_prompt(tokenizer, ex.prompt)), []).append(i)
-    answers = {"greedy": [""] * len(examples), "sampled": [""] * len(examples)}
+    answers = [""] * len(examples)
     for n, rows in sorted(by_length.items()):
         if n >= block_size:
             raise ValueError(f"a prompt of {n} tokens with its markers leaves no room for an "
                              f"answer in block_size={block_size}: {examples[rows[0]].prompt!r}")
-        prompts = [examples[i].prompt for i in rows]
-        for mode in answers:
-            got = generate_responses(model, template, tokenizer, prompts, block_size - n,
-                                     batch_size, greedy=mode == "greedy",
-                                     temperature=temperature, generator=generator)
-            for i, text in zip(rows, got):
-                answers[mode][i] = text
+        got = generate_responses(model, template, tokenizer, [examples[i].prompt for i in rows],
+                                 block_size - n, batch_size, greedy=False,
+                                 temperature=temperature, generator=generator)
+        for i, text in zip(rows, got):
+            answers[i] = text
     by_kind = {kind: by_kind[kind] for kind in KINDS if kind in by_kind}
-    rates = {mode: {kind: float(np.mean([follows(examples[i], texts[i], tokenizer)
-                                         for i in rows]))
-                    for kind, rows in by_kind.items()}
-             for mode, texts in answers.items()}
+    rates = {kind: float(np.mean([follows(examples[i], answers[i], tokenizer) for i in rows]))
+             for kind, rows in by_kind.items()}
     aucs = {}
-    for mode, texts in answers.items():
-        for name, low, high, measure in (
-                ("length", "short", "long", lambda text: len(tokenizer.encode(text))),
-                ("sentiment", "negative", "positive", vader_compound)):
-            aucs[name, mode] = None
-            if low in by_kind and high in by_kind:
-                aucs[name, mode] = pair_auc(*([measure(texts[i]) for i in by_kind[kind]]
-                                              for kind in (low, high)))
-    return FollowRates(rates["greedy"], rates["sampled"],
-                       {kind: len(rows) for kind, rows in by_kind.items()},
-                       aucs["length", "greedy"], aucs["length", "sampled"],
-                       aucs["sentiment", "greedy"], aucs["sentiment", "sampled"],
-                       tuple(answers["greedy"]), tuple(answers["sampled"]))
+    for name, low, high, measure in (
+            ("length", "short", "long", lambda text: len(tokenizer.encode(text))),
+            ("sentiment", "negative", "positive", vader_compound)):
+        aucs[name] = None
+        if low in by_kind and high in by_kind:
+            aucs[name] = pair_auc(*([measure(answers[i]) for i in by_kind[kind]]
+                                    for kind in (low, high)))
+    return FollowRates(rates, {kind: len(rows) for kind, rows in by_kind.items()},
+                       aucs["length"], aucs["sentiment"], tuple(answers))

@@ -186,30 +186,38 @@ def test_follow_rates_checks_each_answer():
     silent = follow_rates(tiny_gpt(template, says=template.end_id), template, TOKENIZER,
                           held_out)
     assert silent.n == mix(held_out_per_kind=3).counts("held_out")
-    assert set(silent.greedy.values()) == set(silent.sampled.values()) == {0.0}
-    assert set(silent.greedy_responses) == {""} and silent.length_auc_greedy == 0.5
+    assert set(silent.rates.values()) == {0.0}
+    assert set(silent.responses) == {""} and silent.length_auc == 0.5
+    assert silent.sentiment_auc == 0.5
 
     model = tiny_gpt(template)
     rates = follow_rates(model, template, TOKENIZER, held_out, seed=1)
     assert rates == follow_rates(model, template, TOKENIZER, held_out, seed=1)
-    for ex, answer in zip(held_out, rates.greedy_responses):
-        room = BLOCK - len(template.encode_prompt(TOKENIZER, ex.prompt))
-        assert [answer] == generate_responses(model, template, TOKENIZER, [ex.prompt], room)
+    assert rates != follow_rates(model, template, TOKENIZER, held_out, seed=2)
+    # the answers are sampled, one length group of prompts after the other, from one generator
+    generator = torch.Generator().manual_seed(1)
+    by_length = {}
+    for i, ex in enumerate(held_out):
+        by_length.setdefault(len(template.encode_prompt(TOKENIZER, ex.prompt)), []).append(i)
+    for n, rows in sorted(by_length.items()):
+        expected = generate_responses(model, template, TOKENIZER,
+                                      [held_out[i].prompt for i in rows], BLOCK - n,
+                                      greedy=False, generator=generator)
+        assert [rates.responses[i] for i in rows] == expected
     for kind, n in rates.n.items():
         rows = [i for i, ex in enumerate(held_out) if ex.kind == kind]
         assert len(rows) == n
-        expected = np.mean([follows(held_out[i], rates.sampled_responses[i], TOKENIZER)
+        expected = np.mean([follows(held_out[i], rates.responses[i], TOKENIZER)
                             for i in rows])
-        assert rates.sampled[kind] == expected
+        assert rates.rates[kind] == expected
     rows = {kind: [i for i, ex in enumerate(held_out) if ex.kind == kind] for kind in rates.n}
-    texts = rates.sampled_responses
-    assert rates.length_auc_sampled == pair_auc(
+    texts = rates.responses
+    assert rates.length_auc == pair_auc(
         *([len(TOKENIZER.encode(texts[i])) for i in rows[k]] for k in ("short", "long")))
-    assert rates.sentiment_auc_sampled == pair_auc(
+    assert rates.sentiment_auc == pair_auc(
         *([vader_compound(texts[i]) for i in rows[k]] for k in ("negative", "positive")))
-    assert silent.sentiment_auc_greedy == 0.5
     only_short = [ex for ex in held_out if ex.kind == "short"]
     one_kind = follow_rates(model, template, TOKENIZER, only_short)
-    assert one_kind.length_auc_sampled is None and one_kind.sentiment_auc_greedy is None
+    assert one_kind.length_auc is None and one_kind.sentiment_auc is None
     with pytest.raises(ValueError, match="examples must be a non-empty list of Instructions"):
         follow_rates(model, template, TOKENIZER, [])
