@@ -123,7 +123,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, greedy: bool = False, use_cache: bool = True,
-             generator: torch.Generator | None = None, stop_ids=()) -> torch.Tensor:
+             generator: torch.Generator | None = None, stop_ids=(), on_token=None
+             ) -> torch.Tensor:
     """Extend ``idx`` (batch, T) (or (T,)) by up to ``max_new_tokens`` tokens; returns the whole
     sequence. Works for every model of :class:`lessons_lib.model.LanguageModel`.
 
@@ -132,8 +133,12 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
     is one position through the model, keys and values kept in a cache sized to the prompt plus
     the new tokens (at most ``block_size``); past that the window slides without a cache.
     ``stop_ids``: generation ends once every row has written one of these ids; a row that has
-    stopped repeats its stop id until the others stop too."""
+    stopped repeats its stop id until the others stop too. ``on_token``, if given, is called
+    after every step with the new tokens, a (batch,) tensor: to stream them, e.g. to a terminal
+    (:mod:`lessons_lib.chat`)."""
     _check_sampling(temperature, top_k, top_p, greedy, max_new_tokens)
+    if on_token is not None and not callable(on_token):
+        raise ValueError(f"on_token must be callable or None, got {type(on_token).__name__}")
     stop_ids = [int(s) for s in stop_ids]
     if not isinstance(idx, torch.Tensor):
         idx = torch.as_tensor(idx)
@@ -150,13 +155,13 @@ def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: i
     # inference mode: no autograd bookkeeping at all, which matters when each step is small
     with eval_mode(model), torch.inference_mode():
         out = _extend(model, idx, max_new_tokens, temperature, top_k, top_p, greedy, use_cache,
-                      generator, stop_ids)
+                      generator, stop_ids, on_token)
     out = out.clone()              # an ordinary tensor again, usable where autograd records
     return out[0] if squeeze else out
 
 
 def _extend(model, idx, max_new_tokens, temperature, top_k, top_p, greedy, use_cache, generator,
-            stop_ids):
+            stop_ids, on_token):
     device = model_device(model)
     block_size = getattr(model, "block_size", None)
     total = idx.size(1) + max_new_tokens
@@ -191,6 +196,8 @@ def _extend(model, idx, max_new_tokens, temperature, top_k, top_p, greedy, use_c
             stopped |= torch.isin(token, stop)
         out[:, length] = token
         length += 1
+        if on_token is not None:
+            on_token(token.clone())
         if stop is not None and bool(stopped.all()):
             break
     return out[:, :length]
