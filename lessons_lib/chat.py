@@ -205,11 +205,12 @@ def main(argv=None) -> int:
     if args.seed is not None and args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
     about, load = MODELS[args.model]
-    print(f"loading {about} (trained and cached on first use) ...", flush=True)
+    print(f"loading {args.model!r} (a model not yet in the cache is trained first, once) ...",
+          flush=True)
     model, tokenizer, template = load()
     sampling = f"temperature {args.temperature:g}" + (
         f", top-k {args.top_k}" if args.top_k else "")
-    print(f"{args.model}: {num_parameters(model):,} parameters, a window of "
+    print(f"{about}.\n{args.model}: {num_parameters(model):,} parameters, a window of "
           f"{model.config.block_size} tokens; sampling at {sampling}. Each message is answered "
           "on its own; an empty line or Ctrl-D ends the chat.", flush=True)
     chat(model, tokenizer, template, name=args.model, temperature=args.temperature,

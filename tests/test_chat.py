@@ -161,7 +161,7 @@ def test_main_loads_the_named_model_and_chats(monkeypatch, capsys):
     monkeypatch.setattr("builtins.input", lambda prompt: next(lines))
     assert main(["--model", "parrot", "--seed", "0", "--top-k", "3"]) == 0
     out = capsys.readouterr().out
-    assert loaded and "loading a test parrot" in out and "top-k 3" in out
+    assert loaded and "loading 'parrot'" in out and "a test parrot." in out and "top-k 3" in out
     assert "parrot> yes\n" in out
 
 
