@@ -340,7 +340,7 @@ def sft_batch_fn(train_examples: Sequence[Example], val_examples: Sequence[Examp
 # 4. answering prompts
 
 def generate_responses(model: nn.Module, template: ChatTemplate, tokenizer, prompts: Sequence[str],
-                       max_new_tokens: int, batch_size: int = 64, *, greedy: bool = True,
+                       max_new_tokens: int | None, batch_size: int = 64, *, greedy: bool = True,
                        temperature: float = 1.0, generator: torch.Generator | None = None
                        ) -> list[str]:
     """The response of ``model`` to each prompt, cut at its first stop id
@@ -350,16 +350,18 @@ def generate_responses(model: nn.Module, template: ChatTemplate, tokenizer, prom
     Our GPT has no padding mask, so prompts are batched with others of the same token length:
     no padding, and each greedy answer is exactly what the model gives that prompt alone
     (a sampled one depends on the batching too, through the order of the random draws).
+    ``max_new_tokens=None`` lets each answer fill the rest of the model's window.
     """
-    positive_int("max_new_tokens", max_new_tokens)
+    if max_new_tokens is not None:
+        positive_int("max_new_tokens", max_new_tokens)
     positive_int("batch_size", batch_size)
     if isinstance(prompts, str) or not prompts:
         raise ValueError(f"prompts must be a non-empty list of str, got {prompts!r}")
     encoded = [template.encode_prompt(tokenizer, p) for p in prompts]
     longest = max(len(e) for e in encoded)
-    if longest + max_new_tokens > model.config.block_size:
-        raise ValueError(f"a prompt of {longest} tokens plus {max_new_tokens} new ones does not "
-                         f"fit block_size={model.config.block_size}")
+    if longest + (max_new_tokens or 1) > model.config.block_size:
+        raise ValueError(f"a prompt of {longest} tokens plus {max_new_tokens or 1} new ones "
+                         f"does not fit block_size={model.config.block_size}")
     stop_ids = template.stop_ids(tokenizer)
     by_length: dict[int, list[int]] = {}
     for i, e in enumerate(encoded):
@@ -368,7 +370,8 @@ def generate_responses(model: nn.Module, template: ChatTemplate, tokenizer, prom
     for n, rows in by_length.items():
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
-            out = generate(model, torch.tensor([encoded[i] for i in chunk]), max_new_tokens,
+            out = generate(model, torch.tensor([encoded[i] for i in chunk]),
+                           max_new_tokens or model.config.block_size - n,
                            temperature=temperature, greedy=greedy, generator=generator,
                            stop_ids=stop_ids)
             for i, new in zip(chunk, out[:, n:].tolist()):

@@ -373,3 +373,23 @@ def test_mean_pass_at_k_averages_over_problems():
     assert mean_pass_at_k(correct, 4) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="bool"):
         mean_pass_at_k(correct.float(), 1)
+
+
+def test_train_grpo_takes_prompts_of_several_lengths():
+    policy, reference, _, config = grpo_setup(iterations=16)
+    g = torch.Generator().manual_seed(0)
+    buckets = [torch.randint(8, (3, 2), generator=g), torch.randint(8, (1, 4), generator=g)]
+    lengths = []
+
+    def reward(batch):
+        lengths.append(batch.prompt_length)
+        return first_token_reward(batch)
+    history = train_grpo(policy, reference, reward, buckets, config)
+    assert set(lengths) == {2, 4}               # both lengths drawn, each batch one length
+    assert lengths.count(2) > lengths.count(4)  # in proportion to their rows: 3 to 1
+    assert sum(history.reward[-4:]) / 4 > history.reward[0] + 0.2
+    with pytest.raises(ValueError, match="non-empty list"):
+        train_grpo(copy.deepcopy(reference), reference, reward, [], config)
+    with pytest.raises(ValueError, match=r"prompts\[1\]"):
+        train_grpo(copy.deepcopy(reference), reference, reward,
+                   [buckets[0], torch.zeros(3)], config)

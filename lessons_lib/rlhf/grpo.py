@@ -17,12 +17,13 @@ import torch
 import torch.nn as nn
 
 from ..checks import finite, float_tensor, is_int, number_in, positive_int
-from ..checks import positive_number, same_shape, shape_of, token_ids
+from ..checks import positive_number, same_shape, shape_of
 from ..runtime import model_device
 from ..scoring import check_response_mask, logprobs_from_logits, masked_mean, sequence_logprobs
 from .kl import k3
 from .ppo import clipped_surrogate
-from .rollouts import check_groups, entropy_from_logits, rollout, score
+from .rollouts import (check_groups, draw_prompts, entropy_from_logits, prompt_buckets, rollout,
+                       score)
 from .trainer import (History, Trainer, check_callback, check_policy_and_reference,
                       check_run_fields)
 
@@ -189,8 +190,9 @@ class GRPOHistory(History):
     response_length: list[float] = field(default_factory=list)
 
 
-def train_grpo(policy: nn.Module, reference: nn.Module, reward_fn, prompts: torch.Tensor,
-               config: GRPOConfig | None = None, callback=None) -> GRPOHistory:
+def train_grpo(policy: nn.Module, reference: nn.Module, reward_fn,
+               prompts: torch.Tensor | list[torch.Tensor], config: GRPOConfig | None = None,
+               callback=None) -> GRPOHistory:
     """Optimise ``policy`` (a language model: no value head) in place with GRPO.
 
     Each iteration draws ``config.prompts_per_iteration`` distinct rows of ``prompts`` (N, P),
@@ -201,27 +203,34 @@ def train_grpo(policy: nn.Module, reference: nn.Module, reward_fn, prompts: torc
     the clipped objective, with ``config.kl_coef`` times the KL to the frozen ``reference``.
     Dropout is off, so each batch's first ratio is 1.
 
+    ``prompts`` may also be a list of (N_i, P_i) tensors, prompts of different lengths: each
+    iteration then takes its rows from one of them (:func:`~.rollouts.draw_prompts`).
+
     ``callback(iteration, policy, history)``, if given, runs after every iteration (1, 2, ...);
     its time is not counted in ``history.seconds``.
     """
     config = config or GRPOConfig()
     check_policy_and_reference(policy, reference)
     check_callback(callback)
-    token_ids(prompts, "prompts", shape="(N, P)")
-    if config.prompts_per_iteration > len(prompts):
-        raise ValueError(f"GRPOConfig.prompts_per_iteration={config.prompts_per_iteration} is "
-                         f"more than the {len(prompts)} prompts given")
     device = model_device(policy)
-    prompts = prompts.to(device)
+    buckets = prompt_buckets(prompts, device)
+    if buckets is None:
+        if config.prompts_per_iteration > len(prompts):
+            raise ValueError(f"GRPOConfig.prompts_per_iteration={config.prompts_per_iteration} "
+                             f"is more than the {len(prompts)} prompts given")
+        prompts = prompts.to(device)
     G = config.group_size
     trainer = Trainer.for_config(policy, config, total=config.iterations, desc="GRPO")
     generator = trainer.generator
     history = GRPOHistory()
     with trainer.running(history, reference):
         for iteration in range(config.iterations):
-            pick = torch.randperm(len(prompts), generator=generator)
-            pick = pick[:config.prompts_per_iteration]
-            group_prompts = prompts[pick.to(device)].repeat_interleave(G, dim=0)
+            if buckets is None:
+                pick = torch.randperm(len(prompts), generator=generator)
+                chosen = prompts[pick[:config.prompts_per_iteration].to(device)]
+            else:
+                chosen = draw_prompts(buckets, config.prompts_per_iteration, generator)
+            group_prompts = chosen.repeat_interleave(G, dim=0)
             batch = rollout(policy, group_prompts, config.max_new_tokens, config.temperature,
                             config.eot_id, generator)
             rewards = score(reward_fn, batch)

@@ -28,6 +28,7 @@ from ..scoring import logprobs_from_logits
 from .trainer import check_policy
 
 __all__ = ["Rollout", "response_mask", "language_model", "rollout", "score",
+           "prompt_buckets", "draw_prompts",
            "check_groups", "entropy_from_logits",
            "distinct_n"]
 
@@ -133,6 +134,30 @@ def score(reward_fn, batch: Rollout) -> torch.Tensor:
         raise ValueError(f"reward_fn must return a tensor of shape ({B},), one score per "
                          f"sequence, got {shape_of(scores)}")
     return finite("the scores of reward_fn", scores.float().to(batch.logprobs.device))
+
+
+def prompt_buckets(prompts, device) -> list[torch.Tensor] | None:
+    """None for an (N, P) tensor of prompts; for a list of (N_i, P_i) tensors (prompts of
+    different lengths: a GPT here has no padding mask, so a batch must share one length),
+    the list checked and moved to ``device``."""
+    if not isinstance(prompts, (list, tuple)):
+        token_ids(prompts, "prompts", shape="(N, P)")
+        return None
+    if not prompts:
+        raise ValueError("prompts must be an (N, P) tensor or a non-empty list of them")
+    for i, p in enumerate(prompts):
+        token_ids(p, f"prompts[{i}]", shape="(N, P)")
+    return [p.to(device) for p in prompts]
+
+
+def draw_prompts(buckets: list[torch.Tensor], n: int, generator: torch.Generator
+                 ) -> torch.Tensor:
+    """``n`` rows of one bucket, drawn with replacement: the bucket is picked with a
+    probability in proportion to its rows (repeat a prompt's row to give it more weight)."""
+    sizes = torch.tensor([len(b) for b in buckets], dtype=torch.float)
+    bucket = buckets[int(torch.multinomial(sizes, 1, generator=generator))]
+    rows = torch.randint(len(bucket), (n,), generator=generator)
+    return bucket[rows.to(bucket.device)]
 
 
 def check_groups(rewards, group_size: int) -> torch.Tensor:
