@@ -9,7 +9,10 @@ sampled. ``--model`` picks who answers (:data:`MODELS`):
 * ``base``: the GPT it was fine-tuned from, pre-trained on movie-review snippets: it continues
   your text instead of answering it;
 * ``shakespeare``: chapter 7's character-level GPT, which continues your text as Shakespeare
-  might have (it knows only the characters of its training text).
+  might have (it knows only the characters of its training text);
+* ``yours``: chapter 17's assistant, what ``python -m lessons_lib.assistant build`` makes
+  (it also declines to insult a person); ``yours-sft`` is the same before its DPO and GRPO
+  stages, ``yours-student`` the student a quarter of its size distilled from it.
 
 The models come from the cache of :mod:`lessons_lib.pretrained`; one that is not there yet is
 trained first, once (a few minutes on a laptop CPU). ``--temperature`` and ``--top-k`` change
@@ -166,8 +169,23 @@ def _shakespeare():
     return model.eval(), tokenizer, None
 
 
+def _yours(name: str, until: str = "grpo"):
+    def load():
+        from .assistant import build_assistant
+
+        build = build_assistant(until=until)
+        return build.models[name], build.tokenizer, build.template
+    return load
+
+
 #: name -> (what it is, a loader returning ``(model, tokenizer, template or None)``); add yours.
 MODELS = {
+    "yours": ("the assistant that `python -m lessons_lib.assistant build` makes (chapter 17): "
+              "ask for a short, long, positive or negative review", _yours("SFT + DPO + GRPO")),
+    "yours-sft": ("that assistant after its supervised fine-tuning only, before DPO and GRPO",
+                  _yours("SFT")),
+    "yours-student": ("that assistant distilled into a student a quarter of its size, on its "
+                      "logits", _yours("student (logits)", "distill")),
     "assistant": ("chapter 9's assistant: ask it to write a short, long, positive or negative "
                   "review", _assistant),
     "base": ("chapter 9's base model, pre-trained on movie reviews: it continues your text",
