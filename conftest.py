@@ -29,7 +29,8 @@ BUDGET_SECONDS = defaultdict(lambda: 90, {"09_finetuning.ipynb": 150, "10_rlhf.i
                                             "13_limitations.ipynb": 150,
                                             "14_modern_llm.ipynb": 150,
                                             "15_beyond_transformers.ipynb": 150,
-                                            "16_scaling_out.ipynb": 150})
+                                            "16_scaling_out.ipynb": 150,
+                                            "17_your_assistant.ipynb": 150})
 BOOK_BUDGET_SECONDS = 15 * 60
 
 _notebook_seconds: dict[str, float] = defaultdict(float)

@@ -12,10 +12,10 @@ five minutes on a 2-core laptop CPU:
    declining to insult a person while still answering requests that look like it
    (:data:`HARMFUL`, :data:`LOOKALIKE`);
 4. ``reward``: chapter 10's reward model on the human ratings;
-5. ``dpo``: DPO (chapter 11) from the SFT model, on pairs of its own answers: to "Write a
-   positive review." the reward model picks the better of two; to every other request a
-   program does (the checks of stage 6), so that what the reward model cannot judge is not
-   left to drift;
+5. ``dpo``: DPO (chapter 11) from the SFT model, on pairs of its own answers, the best and
+   the worst of four: for "Write a positive review." by the reward model's score, for every
+   other request by a program's check (those of stage 6), so that what the reward model
+   cannot judge is not left to drift;
 6. ``grpo``: GRPO on what a program can check (chapter 11): the four writing instructions
    (by token count and by VADER) and the safety requests (declined, or answered), rewarded 1
    for an answer that passes;
@@ -183,7 +183,7 @@ def _grpo() -> GRPOConfig:
 
 
 def _distill() -> DistillConfig:
-    return DistillConfig(steps=300, batch_size=16, lr=3e-3)
+    return DistillConfig(steps=200, batch_size=16, lr=3e-3)
 
 
 @dataclass(frozen=True)
@@ -318,6 +318,9 @@ class AssistantBuild:
         return self.models["SFT + DPO + GRPO"]
 
 
+_DATA: dict = {}                 # (base model's key, seed) -> AssistantData, for this process
+
+
 def _hash(key: dict) -> str:
     text = json.dumps({"format": FORMAT_VERSION, **key}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -340,8 +343,7 @@ class _Clock:
         self.records[name] = StageRecord(name, took, trained, cached, numbers)
         if self.progress:
             how = f"from the cache (trained in {trained:.0f} s)" if cached else "trained"
-            shown = ", ".join(f"{k} {_fmt(v)}" for k, v in numbers.items())
-            print(f"    {took:.1f} s, {how}: {shown}", flush=True)
+            print(f"    {took:.1f} s, {how}", flush=True)
         return result
 
 
@@ -511,7 +513,9 @@ def build_assistant(config: PipelineConfig | None = None, *, rerun=(), out=None,
         gpt, tokenizer, base_report = clock.run("pretrain", pretrain_stage)
         template = ChatTemplate.for_tokenizer(tokenizer)
         block_size = gpt.config.block_size
-        data = assistant_data(tokenizer, block_size, seed)
+        data = _DATA.get((base_report.key, seed))
+        if data is None:                 # building the mix tokenizes every snippet: keep it
+            data = _DATA[base_report.key, seed] = assistant_data(tokenizer, block_size, seed)
 
         def sft_stage():
             sft_config = replace(config.seeded("sft"), progress=progress)
@@ -716,7 +720,8 @@ def plot_training(build: AssistantBuild):
     import matplotlib.pyplot as plt
 
     h = build.histories
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.4))
+    axes = axes.flatten()
     axes[0].plot(h["sft"].eval_step, h["sft"].val_loss, marker="o")
     axes[0].set_title("SFT: held-out loss on answers")
     axes[0].set_xlabel("step")
