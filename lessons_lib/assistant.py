@@ -326,6 +326,19 @@ def _hash(key: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _measured(kind: str, key: dict, measure) -> float:
+    """``measure()``, a number, kept in the cache beside the model ``key`` names: a second run
+    reads it instead of measuring again."""
+    path = models_dir() / f"assistant-{kind}-{_hash(key)}.json"
+    try:
+        return float(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        value = float(measure())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value))
+        return value
+
+
 class _Clock:
     """Times each stage of a build and keeps its record."""
 
@@ -543,9 +556,11 @@ def build_assistant(config: PipelineConfig | None = None, *, rerun=(), out=None,
             rm, history = movie_reward_model(rm_config, retrain="reward" in rerun,
                                              device=device)
             histories["reward"] = history
+            key = {"base": base_report.key, "config": _run_fields(rm_config),
+                   "threads": history.threads}
             held_out = split_ratings(load_movie_ratings())[1]
-            accuracy = evaluate_reward_model(rm, held_out, tokenizer).pair_accuracy
-            key = {"base": base_report.key, "config": _run_fields(rm_config)}
+            accuracy = _measured("reward-accuracy", key, lambda: evaluate_reward_model(
+                rm, held_out, tokenizer).pair_accuracy)
             return ((rm, _hash(key)), history.seconds, history.from_cache,
                     {"held-out pair accuracy": accuracy, "steps": rm_config.steps})
         reward_model, rm_key = clock.run("reward", reward_stage)
@@ -567,11 +582,11 @@ def build_assistant(config: PipelineConfig | None = None, *, rerun=(), out=None,
             histories["dpo"] = history
             positive = torch.tensor([template.encode_prompt(tokenizer,
                                                             instruction_prompt("positive"))])
-            after = evaluate_policy(policy, sft, reward_model.score_responses,
-                                    positive.repeat(128, 1), 40, eot_id=template.end_id,
-                                    seed=seed)
+            kl = _measured("dpo-kl", key, lambda: evaluate_policy(
+                policy, sft, reward_model.score_responses, positive.repeat(128, 1), 40,
+                eot_id=template.end_id, seed=seed).kl)
             numbers = {"pairs": ", ".join(f"{n} {k}" for k, n in history.pairs.items()),
-                       "KL to SFT on 'positive' (nats)": after.kl,
+                       "KL to SFT on 'positive' (nats)": kl,
                        "last accuracy on its pairs": float(np.mean(history.accuracy[-5:]))}
             return ((policy.eval(), _hash(key)), history.seconds, history.from_cache, numbers)
         dpo, dpo_key = clock.run("dpo", dpo_stage)
