@@ -151,3 +151,145 @@ def test_chapter_page(server, browser, name):
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
     page.close()
+
+
+# -----------------------------------------------------------------------------
+# the boxes that run the course's models in the page (_static/llm/): typed into as a reader
+# would, and checked against lessons_lib in PyTorch
+
+MODELS = SITE / "_static" / "models"
+BOX_STRINGS = [
+    "Hello world, it's 2026!   Ready?", "  two leading spaces, three trailing   ",
+    "digits 1234567 3.14159 $1,234,567.89", "accents: naïve café, Ærøskøbing, Đặng",
+    "emoji 👋🌍 ❤️‍🔥 🇫🇷 👩🏽‍💻", "東京 Ромео και Ιουλιέτα\ttab\nnewline",
+]
+
+
+def open_box(browser, server, chapter, kind):
+    page, requests = open_page(browser, f"{server}/book/{chapter}.html")
+    box = page.locator(f".llm-box[data-box={kind}]")
+    assert box.count() == 1, f"no {kind} box on {chapter}"
+    wait_for_box(box, ("ready", "done"))
+    return page, requests, box
+
+
+def wait_for_box(box, states, timeout=60_000):
+    box.page.wait_for_function(
+        "([el, states]) => states.includes(el.dataset.state) || el.dataset.state === 'error'",
+        arg=[box.element_handle(), list(states)], timeout=timeout)
+    state = box.get_attribute("data-state")
+    assert state != "error", box.locator(".llm-status").inner_text()
+
+
+def run_box(box, button):
+    box.evaluate("el => { el.dataset.state = 'clicked'; }")
+    box.locator(button).click()
+    wait_for_box(box, ("done",), timeout=120_000)
+    return float(box.get_attribute("data-tokens-per-second"))
+
+
+def test_tokenizer_box(server, browser):
+    from lessons_lib import web
+    from lessons_lib.tokenizers import tiktoken_gpt2
+
+    page, requests, box = open_box(browser, server, "02_tokenization", "tokenizer")
+    ours = web.load_tokenizer(MODELS / "shakespeare_bpe.json")
+    gpt2 = web.load_tokenizer(MODELS / "gpt2.json")
+    reference = tiktoken_gpt2()
+    assert ours.vocab_size == 1024 and gpt2.vocab_size == 50257
+    for text in BOX_STRINGS:
+        box.locator("textarea").fill(text)
+        shown = box.locator(".llm-ids").evaluate_all("els => els.map(e => e.dataset.ids)")
+        ids = [json.loads(s) for s in shown]
+        assert ids[0] == ours.encode(text), text
+        assert ids[1] == gpt2.encode(text) == reference.encode(text), text
+        # each token shown as ch. 2's show_tokens does: its text, bytes of a cut character
+        # as escapes, a newline as a return arrow
+        pieces = box.locator(".llm-token").evaluate_all("els => els.map(e => e.textContent)")
+        want = [tok.decode_bytes([i]).decode("utf-8", errors="backslashreplace")
+                .replace("\n", "\u21b5\n") for tok, row in [(ours, ids[0]), (gpt2, ids[1])]
+                for i in row]
+        assert pieces == want, text
+    assert_local_only(requests, server)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    box.screenshot(path=str(SHOTS / "box-tokenizer.png"))
+    page.close()
+
+
+def greedy_checked(model, prompt, new_tokens, got, stop_ids=()):
+    """The page's greedy tokens against PyTorch's, up to the first step (if any) where the two
+    best logits are within float32 rounding of each other; there a tie may break either way."""
+    from lessons_lib import web
+
+    want, gaps = web.greedy_tokens(model, prompt, new_tokens, stop_ids)
+    agree = next((i for i, g in enumerate(gaps) if g < 1e-4), len(want))
+    assert agree >= min(len(want), 20), f"near-ties too early: {gaps[:agree + 1]}"
+    assert got[:agree] == want[:agree]
+    if agree == len(want):
+        assert got == want
+    return agree
+
+
+def test_generation_box(server, browser):
+    from lessons_lib import web
+
+    page, requests, box = open_box(browser, server, "07_pretraining", "generate")
+    model, tok, _ = web.load_gpt(MODELS / "shakespeare.safetensors")
+    box.locator("input[type=checkbox]").check()
+    speeds = []
+    for prompt, n in [("ROMEO:\n", 150), ("To be, or not to be", 40)]:
+        box.locator("textarea").fill(prompt)
+        box.locator("input[type=number]").nth(2).fill(str(n))     # new tokens
+        speeds.append(run_box(box, "button.llm-go"))
+        got = json.loads(box.locator(".llm-output").get_attribute("data-ids"))
+        greedy_checked(model, tok.encode(prompt), n, got)
+        shown = box.locator(".llm-output").inner_text()
+        assert shown == prompt + tok.decode(got)
+    # sampling: the page's own random numbers, the same text for the same seed
+    box.locator("input[type=checkbox]").uncheck()
+    texts = []
+    for _ in range(2):
+        run_box(box, "button.llm-go")
+        texts.append(box.locator(".llm-output").get_attribute("data-ids"))
+    assert texts[0] == texts[1]
+    # a setting that makes no sense is refused with the reason, and the box still works
+    box.locator("input[type=number]").first.fill("0")           # temperature
+    box.locator("button.llm-go").click()
+    assert box.get_attribute("data-state") == "error"
+    assert "temperature must be a number > 0" in box.locator(".llm-status").inner_text()
+    box.locator("input[type=number]").first.fill("0.8")
+    run_box(box, "button.llm-go")
+    print(f"generation box: {speeds} tokens per second")
+    assert_local_only(requests, server)
+    box.screenshot(path=str(SHOTS / "box-generate.png"))
+    page.close()
+
+
+def test_chat_box(server, browser):
+    from lessons_lib import web
+
+    page, requests, box = open_box(browser, server, "17_your_assistant", "chat")
+    box.locator("input[type=checkbox]").check()
+    options = box.locator("select option").evaluate_all("os => os.map(o => o.value)")
+    assert options == ["assistant_base.safetensors", "assistant_sft.safetensors",
+                       "assistant_rl.safetensors"]
+    speeds = {}
+    for file in options:
+        model, tok, template = web.load_gpt(MODELS / file)
+        box.locator("select").select_option(file)
+        wait_for_box(box, ("ready",))
+        for message in ["Write a positive review.", "Insult Peter."]:
+            box.locator("input.llm-input").fill(message)
+            speeds[file] = run_box(box, "button.llm-go")
+            got = json.loads(box.locator(".llm-transcript").get_attribute("data-ids"))
+            prompt = template.encode_prompt(tok, message)
+            greedy_checked(model, prompt, model.config.block_size - len(prompt), got,
+                           template.stop_ids(tok))
+            answer = box.locator(".llm-reply").last.inner_text().split("> ", 1)[1]
+            # U+FFFD: a character cut by the window, replaced a little differently by each
+            text = template.response_text(tok, got)
+            assert answer.replace("\ufffd", "").strip() == text.replace("\ufffd", "").strip()
+    print(f"chat box: {speeds} tokens per second")
+    assert_local_only(requests, server)
+    box.screenshot(path=str(SHOTS / "box-chat.png"))
+    page.close()
