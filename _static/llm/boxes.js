@@ -195,7 +195,8 @@
            `${(count / seconds).toFixed(0)} tokens per second, in your browser`;
   }
 
-  function buttons(box) {
+  // the go and stop buttons; `held` are controls that must not change during a run
+  function buttons(box, held = []) {
     const go = el("button", {type: "button", className: "llm-go"});
     const stop = el("button", {type: "button", className: "llm-stop", textContent: "stop",
                                disabled: true});
@@ -203,6 +204,7 @@
     const busy = (on) => {
       go.disabled = on;
       stop.disabled = !on;
+      for (const control of held) control.disabled = on;
       box.stopRequested = false;
     };
     return {go, stop, busy};
@@ -256,7 +258,7 @@
     const message = el("input", {type: "text", className: "llm-input",
                                  value: box.dataset.message || ""});
     const ctl = controls({temperature: 0.8});
-    const {go, stop, busy} = buttons(box);
+    const {go, stop, busy} = buttons(box, [stage]);     // no switching stage mid-answer
     go.textContent = "send";
     const transcript = el("div", {className: "llm-transcript"});
     box.append(el("div", {className: "llm-controls"}, [el("label", {}, ["model ", stage])]),
